@@ -1,13 +1,19 @@
-"""What every page shares: the process-wide model manager, and the one place the app reads its settings."""
+"""What every page shares: the process-wide model manager and store, the visitor, the password gate."""
 from __future__ import annotations
 
+import hmac
 import os
+import re
+import uuid
 
+import psutil
 import streamlit as st
 
 from glm_core.manager import ModelManager
+from storage import NewerSchemaError, Store, open_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the embedded model is local; never wait on a hub at start
+VISITOR_COOKIE = "glm_studio_visitor"
 
 
 @st.cache_resource(show_spinner=False)
@@ -16,8 +22,71 @@ def get_manager() -> ModelManager:
     return ModelManager()
 
 
+@st.cache_resource(show_spinner=False)
+def get_store() -> Store:
+    return open_store()
+
+
+def store_or_stop() -> Store:
+    try:
+        store = get_store()
+    except NewerSchemaError as e:
+        st.error(f"The history database cannot be opened: {e}")
+        st.stop()
+    if store.recovered_from is not None and not st.session_state.get("told_recovery"):
+        st.session_state.told_recovery = True
+        st.warning(f"The history database was damaged. It was moved aside to `{store.recovered_from}` "
+                   f"and a fresh one was started at `{store.path}`.")
+    return store
+
+
+def visitor_id() -> str:
+    """A stable id per browser, kept in a cookie for a year: each browser sees its own conversations."""
+    cookie = st.context.cookies.get(VISITOR_COOKIE)
+    cookie = cookie if isinstance(cookie, str) and cookie else None   # AppTest has no real cookies
+    if "visitor" not in st.session_state:
+        st.session_state.visitor = cookie or uuid.uuid4().hex
+    if cookie != st.session_state.visitor and not st.session_state.get("cookie_set"):
+        st.session_state.cookie_set = True
+        # An HTML iframe shares the app's origin, so it can set the cookie the next visit reads.
+        with st.sidebar:
+            st.iframe(f"<script>parent.document.cookie = '{VISITOR_COOKIE}={st.session_state.visitor};"
+                      f" max-age=31536000; path=/; SameSite=Lax';</script>", height=1)
+    return st.session_state.visitor
+
+
+def access_password() -> str:
+    if os.environ.get("GLM_STUDIO_PASSWORD"):
+        return os.environ["GLM_STUDIO_PASSWORD"]
+    try:
+        return str(st.secrets.get("password", ""))
+    except FileNotFoundError:
+        return ""
+
+
+def is_admin() -> bool:
+    """With a password set, whoever knows it may see every visitor's conversations."""
+    return bool(access_password()) and st.session_state.get("authenticated", False)
+
+
+def password_gate() -> None:
+    """Every page stops here until the visitor gives the access password (when one is set)."""
+    password = access_password()
+    if not password or st.session_state.get("authenticated"):
+        return
+    st.title("GLM Studio")
+    with st.form("login"):
+        given = st.text_input("Access password", type="password")
+        if st.form_submit_button("Enter", type="primary"):
+            if hmac.compare_digest(given.encode(), password.encode()):
+                st.session_state.authenticated = True
+                st.rerun()
+            st.error("Wrong password.")
+    st.stop()
+
+
 def engine_or_stop():
-    """The loaded engine; loads the start-up model the first time with a progress bar."""
+    """The loaded engine; loads the start-up model the first time, with a progress bar."""
     manager = get_manager()
     if manager.engine is not None:
         return manager.engine
@@ -25,22 +94,44 @@ def engine_or_stop():
         st.error(f"The model could not be loaded: {manager.status.error}")
         st.page_link("pages/models.py", label="Choose another model", icon=":material/memory:")
         st.stop()
-    name = manager.default[0]
-    bar = st.progress(0.0, text=f"Loading {name} ...")
+    bar = st.progress(0.0, text=f"Loading {manager.default[0]} ...")
     waiting = st.empty()
-
-    def show(status):
-        frac = status.done / status.total if status.total else 0.0
-        bar.progress(frac, text=f"Loading {status.name} ({status.precision}, {status.device}): {status.label}")
-
     try:
-        manager.switch(*manager.default, progress=show,
-                       on_wait=lambda place: waiting.info(f"Another visitor is loading a model; you are #{place} in line."))
+        manager.ensure_loaded(progress=lambda s: bar.progress(s.done / s.total if s.total else 0.0,
+                                                              text=f"Loading {s.name} ({s.precision}, {s.device}): {s.label}"),
+                              on_wait=lambda place: waiting.info(f"The model is busy; you are #{place} in line."))
     except Exception:  # noqa: BLE001 - the message is shown below
         pass
     bar.empty()
     waiting.empty()
     if manager.engine is None:
         st.error(f"The model could not be loaded: {manager.status.error}")
+        st.page_link("pages/models.py", label="Choose another model", icon=":material/memory:")
         st.stop()
     return manager.engine
+
+
+def lan_urls() -> list[str]:
+    """http://<address>:<port> for every IPv4 address of this machine but loopback."""
+    port = st.get_option("server.port")
+    urls = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family.name == "AF_INET" and not a.address.startswith("127."):
+                urls.append(f"http://{a.address}:{port}")
+    return urls
+
+
+_INLINE_MATH = re.compile(r"\\\((.+?)\\\)", re.S)
+_BLOCK_MATH = re.compile(r"\\\[(.+?)\\\]", re.S)
+
+
+def render_markdown(text: str) -> str:
+    """Model output as Streamlit markdown: LaTeX in \\( \\) and \\[ \\] becomes $ / $$, a literal $ stays a dollar.
+    st.markdown never renders raw HTML (unsafe_allow_html stays off)."""
+    parts = re.split(r"(```.*?```|`[^`\n]*`)", text, flags=re.S)   # leave code untouched
+    for i in range(0, len(parts), 2):
+        p = parts[i].replace("$", r"\$")
+        p = _BLOCK_MATH.sub(lambda m: f"$$\n{m.group(1).strip()}\n$$", p)
+        parts[i] = _INLINE_MATH.sub(lambda m: f"${m.group(1).strip()}$", p)
+    return "".join(parts)

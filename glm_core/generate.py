@@ -57,10 +57,9 @@ class GenerationParams:
 class ReplyStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
-    reused_tokens: int = 0      # prompt tokens whose K/V came from the cache of the previous turn
     dropped_turns: int = 0      # oldest turns left out so the prompt fits the context
     ttft_s: float = 0.0         # time to first token (prefill + first sample)
-    prefill_tok_s: float = 0.0
+    prefill_tok_s: float = 0.0  # prompt tokens / ttft (a prompt extending the cached one costs less)
     decode_tok_s: float = 0.0
     finish_reason: str = ""     # stop | length | stopped | error
     token_ids: list[int] = field(default_factory=list)
@@ -114,7 +113,6 @@ def generate(model: CausalLM, prompt_ids: list[int], params: GenerationParams, s
     n = len(prompt_ids)
 
     stats.prompt_tokens = len(prompt_ids)
-    stats.reused_tokens = _common_prefix(model.cached_ids, prompt_ids)
     stats.finish_reason = "length"
     t0 = time.perf_counter()
     logits = model.prefill(prompt_ids)
@@ -133,8 +131,7 @@ def generate(model: CausalLM, prompt_ids: list[int], params: GenerationParams, s
         if t_first is None:
             t_first = time.perf_counter()
             stats.ttft_s = t_first - t0
-            computed = len(prompt_ids) - stats.reused_tokens
-            stats.prefill_tok_s = computed / stats.ttft_s if stats.ttft_s > 0 else 0.0
+            stats.prefill_tok_s = len(prompt_ids) / stats.ttft_s if stats.ttft_s > 0 else 0.0
         if token in stop_ids:
             stats.finish_reason = "stop"
             yield token
@@ -149,14 +146,6 @@ def generate(model: CausalLM, prompt_ids: list[int], params: GenerationParams, s
         stats.decode_tok_s = (stats.new_tokens - 1) / elapsed if elapsed > 0 else 0.0
     if stats.finish_reason != "stopped" and stop is not None and stop.is_set():
         stats.finish_reason = "stopped"
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class TextStream:

@@ -61,19 +61,22 @@ class ModelManager:
     def turn(self, what: str, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
         """Hold the model for one request, after everyone who asked before. on_wait(place) while waiting."""
         ticket = next(self._tickets)
+        holding = False
         with self._cond:
             self._queue.append((ticket, what))
-            while self._queue[0][0] != ticket:
-                if on_wait:
-                    on_wait(self.place(ticket))
-                self._cond.wait(timeout=0.5)
-            self.busy_with = what
         try:
-            yield
-        finally:
             with self._cond:
-                self._queue.popleft()
-                self.busy_with = ""
+                while self._queue[0][0] != ticket:
+                    if on_wait:
+                        on_wait(self.place(ticket))
+                    self._cond.wait(timeout=0.5)
+                holding, self.busy_with = True, what
+            yield
+        finally:   # also when a visitor leaves while waiting: their ticket must not block the line
+            with self._cond:
+                self._queue.remove(next(item for item in self._queue if item[0] == ticket))
+                if holding:
+                    self.busy_with = ""
                 self._cond.notify_all()
 
     def place(self, ticket: int) -> int:
@@ -85,9 +88,10 @@ class ModelManager:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def ensure_loaded(self, on_wait: Callable[[int], None] | None = None) -> Engine:
+    def ensure_loaded(self, progress: Callable[[LoadStatus], None] | None = None,
+                      on_wait: Callable[[int], None] | None = None) -> Engine:
         if self.engine is None and self.status.state != "error":
-            self.switch(*self.default, on_wait=on_wait)
+            self.switch(*self.default, progress=progress, on_wait=on_wait)
         if self.engine is None:
             raise RuntimeError(self.status.error or "no model is loaded")
         return self.engine
@@ -124,6 +128,12 @@ class ModelManager:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def reset_cache(self) -> None:
+        """Drop the KV cache (clear / new chat); waits for a reply in progress to end first."""
+        with self.turn("clearing the cache"):
+            if self.engine is not None:
+                self.engine.reset()
 
     # -- generation ------------------------------------------------------------------------
 

@@ -62,3 +62,33 @@ MODELS = {m.name: m for m in [
     KnownModel("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", 5.71, 0.53, 8192),
     KnownModel("chatglm3-6b-32k", "THUDM/chatglm3-6b-32k", "chatglm3", 5.71, 0.53, 32768),
 ]}
+
+
+def describe(path_or_name: str) -> KnownModel | None:
+    """A registry entry, or one worked out from a local directory's config (None when nothing can be read)."""
+    if path_or_name in MODELS:
+        return MODELS[path_or_name]
+    path = Path(path_or_name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        from .config import ConfigError, load_config
+        try:
+            c = load_config(path)
+        except ConfigError:
+            c = None
+        if c is not None:
+            qkv = c.hidden_size * (c.num_heads + 2 * c.kv_groups) * c.head_dim
+            mlp = c.hidden_size * c.ffn_hidden_size * (3 if c.version > 1 else 2)
+            block = c.num_layers * (qkv + c.num_heads * c.head_dim * c.hidden_size + mlp)
+            other = c.vocab_size * c.hidden_size * (1 if c.version == 1 else 2)
+            return KnownModel(str(path), str(path), f"chatglm{c.version}", block / 1e9, other / 1e9,
+                              c.seq_length, stored_bits=c.quantization_bit or 16)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    else:
+        files = []
+    size = sum(f.stat().st_size for f in files)
+    if size:   # unknown layout: assume 16-bit weights, most of them in linears
+        return KnownModel(str(path), str(path), "transformers", 0.8 * size / 2e9, 0.2 * size / 2e9, 0)
+    return None
