@@ -54,15 +54,15 @@ def home() -> None:
         "3. **Models**: switch model (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B, a local directory) and precision "
         "(FP32, BF16, FP16, INT8, INT4) without restarting.\n"
         "4. **Benchmark**: measure what each precision costs and saves on this machine.")
-    st.page_link("pages/chat.py", label="Start chatting", icon=":material/chat:")
+    st.page_link("app_pages/chat.py", label="Start chatting", icon=":material/chat:")
 
 
 password_gate()
 pages = [
     st.Page(home, title="Home", icon=":material/home:", default=True),
-    st.Page("pages/chat.py", title="Chat", icon=":material/chat:"),
-    st.Page("pages/parameters.py", title="Parameters", icon=":material/tune:"),
-    st.Page("pages/models.py", title="Models", icon=":material/memory:"),
-    st.Page("pages/benchmark.py", title="Benchmark", icon=":material/speed:"),
+    st.Page("app_pages/chat.py", title="Chat", icon=":material/chat:"),
+    st.Page("app_pages/parameters.py", title="Parameters", icon=":material/tune:"),
+    st.Page("app_pages/models.py", title="Models", icon=":material/memory:"),
+    st.Page("app_pages/benchmark.py", title="Benchmark", icon=":material/speed:"),
 ]
 st.navigation(pages).run()

@@ -92,7 +92,7 @@ def engine_or_stop():
         return manager.engine
     if manager.status.state == "error":
         st.error(f"The model could not be loaded: {manager.status.error}")
-        st.page_link("pages/models.py", label="Choose another model", icon=":material/memory:")
+        st.page_link("app_pages/models.py", label="Choose another model", icon=":material/memory:")
         st.stop()
     bar = st.progress(0.0, text=f"Loading {manager.default[0]} ...")
     waiting = st.empty()
@@ -106,7 +106,7 @@ def engine_or_stop():
     waiting.empty()
     if manager.engine is None:
         st.error(f"The model could not be loaded: {manager.status.error}")
-        st.page_link("pages/models.py", label="Choose another model", icon=":material/memory:")
+        st.page_link("app_pages/models.py", label="Choose another model", icon=":material/memory:")
         st.stop()
     return manager.engine
 

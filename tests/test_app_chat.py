@@ -7,7 +7,7 @@ from conftest import ROOT
 def test_chat_page_streams_a_reply_from_the_embedded_model():
     at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=300)
     at.run()
-    at.switch_page("pages/chat.py").run()
+    at.switch_page("app_pages/chat.py").run()
     assert not at.exception
     at.chat_input[0].set_value("What is the capital of France?").run()
     assert not at.exception, at.exception

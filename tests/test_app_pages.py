@@ -38,7 +38,7 @@ def test_home_shows_model_memory_and_share_urls():
 
 
 def test_chat_saves_the_conversation_and_lists_it(store):
-    at = app("pages/chat.py", visitor="visitor-a", new_chat_params=GREEDY)
+    at = app("app_pages/chat.py", visitor="visitor-a", new_chat_params=GREEDY)
     send(at, "What is the capital of France?")
     conversations = store.list_conversations("visitor-a")
     assert len(conversations) == 1 and conversations[0]["title"] == "What is the capital of France?"
@@ -50,12 +50,12 @@ def test_chat_saves_the_conversation_and_lists_it(store):
     assert any("Context:" in p.proto.text for p in at.get("progress"))
 
     # Another visitor does not see it.
-    other = app("pages/chat.py", visitor="visitor-b")
+    other = app("app_pages/chat.py", visitor="visitor-b")
     assert not any(b.label == "What is the capital of France?" for b in other.sidebar.button)
 
 
 def test_regenerate_edit_rename_clear_and_delete(store):
-    at = app("pages/chat.py", visitor="visitor-c", new_chat_params=GREEDY)
+    at = app("app_pages/chat.py", visitor="visitor-c", new_chat_params=GREEDY)
     send(at, "Name a colour.")
     cid = at.session_state["conversation"]
     first = store.messages(cid)[1]["created_at"]
@@ -84,7 +84,7 @@ def test_regenerate_edit_rename_clear_and_delete(store):
 
 
 def test_system_prompt_is_saved_with_the_conversation(store):
-    at = app("pages/chat.py", visitor="visitor-d", new_chat_params=GREEDY)
+    at = app("app_pages/chat.py", visitor="visitor-d", new_chat_params=GREEDY)
     send(at, "Hello")
     cid = at.session_state["conversation"]
     at.text_area(key=f"system-{cid}").set_value("Answer in one word.").run()
@@ -92,10 +92,10 @@ def test_system_prompt_is_saved_with_the_conversation(store):
 
 
 def test_parameters_presets_and_form_save_to_the_conversation(store):
-    at = app("pages/chat.py", visitor="visitor-e", new_chat_params=GREEDY)
+    at = app("app_pages/chat.py", visitor="visitor-e", new_chat_params=GREEDY)
     send(at, "Hi")
     cid = at.session_state["conversation"]
-    at.switch_page("pages/parameters.py").run()
+    at.switch_page("app_pages/parameters.py").run()
     assert not at.exception
     button(at, "Creative").click().run()
     saved = store.get_conversation(cid)["params"]
@@ -108,7 +108,7 @@ def test_parameters_presets_and_form_save_to_the_conversation(store):
 
 
 def test_models_page_lists_the_registry_and_refuses_what_cannot_be():
-    at = app("pages/models.py")
+    at = app("app_pages/models.py")
     table = at.dataframe[0].value
     assert {"chatglm2-6b", "chatglm3-6b-32k", "smollm2-135m-instruct"} <= set(table["model"])
     at.selectbox[0].set_value("chatglm2-6b-int4").run()
@@ -118,7 +118,7 @@ def test_models_page_lists_the_registry_and_refuses_what_cannot_be():
 
 
 def test_models_page_switches_to_a_local_checkpoint_and_back():
-    at = app("pages/models.py")
+    at = app("app_pages/models.py")
     at.selectbox[0].set_value("Local directory, .gguf file or Hub id ...").run()
     from conftest import FIXTURES
     at.text_input[0].set_value(str(FIXTURES / "v3")).run()
@@ -135,7 +135,7 @@ def test_models_page_switches_to_a_local_checkpoint_and_back():
 
 
 def test_a_missing_directory_is_a_clear_error_and_the_app_keeps_running():
-    at = app("pages/models.py")
+    at = app("app_pages/models.py")
     at.selectbox[0].set_value("Local directory, .gguf file or Hub id ...").run()
     at.text_input[0].set_value("/nonexistent/chatglm2-6b").run()
     button(at, "Load").click().run()
@@ -161,7 +161,7 @@ def test_password_gate(monkeypatch):
 
 
 def test_export_json_round_trips_through_import(store):
-    at = app("pages/chat.py", visitor="visitor-f", new_chat_params=GREEDY)
+    at = app("app_pages/chat.py", visitor="visitor-f", new_chat_params=GREEDY)
     send(at, "Count to three.")
     exported = store.export_conversations(owner="visitor-f")
     assert json.loads(json.dumps(exported)) == exported

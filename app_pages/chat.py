@@ -1,5 +1,7 @@
 """Chat: conversations kept in SQLite, replies streamed token by token, stop / regenerate / edit."""
 import json
+import threading
+import time
 
 import streamlit as st
 
@@ -48,6 +50,21 @@ def stats_line(m: dict) -> str:
     return " · ".join(facts)
 
 
+def settle_previous_reply() -> None:
+    """A click during a reply starts a new run while the old one is still ending (Streamlit's fast
+    reruns): stop that reply and wait until it is saved, so the page shows it as it ended."""
+    pending = st.session_state.pop("streaming", None)
+    if pending is None:
+        return
+    cid, message_id, stop = pending
+    stop.set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(m["id"] == message_id and m["finish_reason"] for m in store.messages(cid)):
+            return
+        time.sleep(0.05)
+
+
 def respond(conv: dict, history: list[dict]) -> None:
     """Stream a reply to the last message into the page and into the database as it comes."""
     engine = engine_or_stop()
@@ -59,15 +76,18 @@ def respond(conv: dict, history: list[dict]) -> None:
         body = st.empty()
         st.button("Stop", icon=":material/stop_circle:", key="stop")   # a click reruns the page, which ends the stream
         reply = store.begin_reply(conv["id"])
+        stop = threading.Event()
+        st.session_state.streaming = (conv["id"], reply.message_id, stop)
         text = ""
         try:
-            stream = manager.stream_chat(chat_messages(conv, history), params, None, stats,
+            stream = manager.stream_chat(chat_messages(conv, history), params, stop, stats,
                                          on_wait=lambda place: body.info(f"Another reply is being written; you are #{place} in line."))
             for delta in stream:
                 text += delta
                 reply.append(delta)
                 body.markdown(render_markdown(text) + " ▌")
             reply.finish(stats.finish_reason, stats.to_dict())
+            st.session_state.pop("streaming", None)
         except PromptTooLongError as e:
             reply.finish("error", stats.to_dict(), error=str(e))
         except Exception as e:  # noqa: BLE001 - saved with the reply and shown in the page
@@ -158,6 +178,7 @@ def context_meter(conv: dict | None, history: list[dict]) -> None:
     st.progress(min(used / limit, 1.0), text=f"Context: {used:,} of {limit:,} tokens ({engine.name}, {engine.precision})")
 
 
+settle_previous_reply()
 conv = current_conversation()
 sidebar(conv)
 history = store.messages(conv["id"]) if conv else []

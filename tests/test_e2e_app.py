@@ -1,0 +1,143 @@
+"""End to end against the real server in headless Chromium: visitors, stop, conversations, models, password."""
+import time
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from e2e import ARTIFACTS, browser, streamlit_server
+
+LONG = 240_000
+
+
+@pytest.fixture(scope="module")
+def server():
+    with streamlit_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    with browser() as b:
+        yield b
+
+
+def open_page(chromium, url: str, path: str = "") -> Page:
+    page = chromium.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(f"{url}/{path}")
+    expect(page.get_by_role("link", name="Chat", exact=True)).to_be_visible(timeout=60_000)
+    return page
+
+
+def short_replies(page: Page, tokens: int = 40) -> None:
+    """Set Max new tokens for this visitor's new chats on the Parameters page, then go back to Chat."""
+    page.get_by_role("link", name="Parameters", exact=True).click()
+    field = page.get_by_role("spinbutton", name="Max new tokens")
+    field.fill(str(tokens))
+    page.get_by_role("button", name="Apply").click()
+    expect(page.get_by_text("Parameters saved.")).to_be_visible(timeout=30_000)
+    page.get_by_role("link", name="Chat", exact=True).click()
+    expect(page.get_by_test_id("stChatInputTextArea")).to_be_visible(timeout=30_000)
+
+
+def send(page: Page, text: str) -> None:
+    box = page.get_by_test_id("stChatInputTextArea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def last_reply(page: Page):
+    return page.get_by_test_id("stChatMessage").filter(has=page.get_by_test_id("stChatMessageAvatarAssistant")).last
+
+
+def wait_reply_done(page: Page) -> str:
+    reply = last_reply(page)
+    expect(reply.get_by_test_id("stCaptionContainer")).to_contain_text("tokens", timeout=LONG)
+    return reply.get_by_test_id("stMarkdownContainer").first.inner_text()
+
+
+def test_two_visitors_chat_at_the_same_time(server, chromium):
+    a, b = open_page(chromium, server, "chat"), open_page(chromium, server, "chat")
+    short_replies(a)
+    short_replies(b)
+    send(a, "Name three fruits.")
+    send(b, "Name three planets.")
+    reply_a, reply_b = wait_reply_done(a), wait_reply_done(b)
+    assert reply_a.strip() and reply_b.strip()
+    # Each browser sees its own conversation only.
+    expect(a.get_by_test_id("stSidebar")).to_contain_text("Name three fruits.")
+    expect(a.get_by_test_id("stSidebar")).not_to_contain_text("Name three planets.")
+    expect(b.get_by_test_id("stSidebar")).to_contain_text("Name three planets.")
+    expect(b.get_by_test_id("stSidebar")).not_to_contain_text("Name three fruits.")
+    a.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+    # A reload keeps the conversation list (the visitor cookie).
+    a.reload()
+    expect(a.get_by_test_id("stSidebar")).to_contain_text("Name three fruits.", timeout=60_000)
+
+
+def test_stop_keeps_the_partial_reply(server, chromium):
+    page = open_page(chromium, server, "chat")
+    send(page, "Write a very long story about a dragon who learns to cook, with many chapters.")
+    reply = last_reply(page)
+    expect(reply.get_by_test_id("stMarkdownContainer").first).not_to_be_empty(timeout=LONG)
+    time.sleep(3)
+    page.get_by_role("button", name="Stop").click()
+    expect(last_reply(page).get_by_test_id("stCaptionContainer")).to_contain_text("stopped by you", timeout=60_000)
+    assert len(last_reply(page).get_by_test_id("stMarkdownContainer").first.inner_text()) > 5
+
+
+def test_new_rename_and_delete_a_conversation(server, chromium):
+    page = open_page(chromium, server, "chat")
+    short_replies(page)
+    send(page, "Say hello.")
+    wait_reply_done(page)
+    page.get_by_test_id("stPopover").first.click()
+    title = page.get_by_label("Title")
+    title.fill("Greetings")
+    title.press("Enter")
+    page.get_by_role("button", name="Rename").click()
+    expect(page.get_by_test_id("stSidebar")).to_contain_text("Greetings", timeout=30_000)
+    page.get_by_role("button", name="New chat").click()
+    expect(page.get_by_role("heading", name="Chat")).to_be_visible(timeout=30_000)
+    page.get_by_test_id("stSidebar").get_by_role("button", name="Greetings").click()
+    expect(page.get_by_role("heading", name="Greetings")).to_be_visible(timeout=30_000)
+    page.get_by_test_id("stPopover").first.click()
+    page.get_by_role("button", name="Delete conversation").click()
+    expect(page.get_by_test_id("stSidebar")).not_to_contain_text("Greetings", timeout=30_000)
+
+
+def test_switch_the_embedded_model_to_int8(server, chromium):
+    page = open_page(chromium, server, "models")
+    page.get_by_test_id("stRadio").filter(has_text="Precision").get_by_text("int8", exact=True).click()
+    page.get_by_role("button", name="Load", exact=True).click()
+    expect(page.get_by_test_id("stAlert").filter(has_text="is loaded")).to_be_visible(timeout=LONG)
+    page.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
+    page.goto(server)
+    expect(page.get_by_text("int8 · cpu").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
+    chat = open_page(chromium, server, "chat")
+    short_replies(chat)
+    send(chat, "What is the capital of Italy?")
+    assert wait_reply_done(chat).strip()
+
+
+def test_screenshots_of_the_other_pages(server, chromium):
+    for path in ["parameters", "benchmark"]:
+        page = open_page(chromium, server, path)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / f"{path}.png"), full_page=True)
+
+
+def test_password_gate_in_the_browser(chromium):
+    with streamlit_server(env={"GLM_STUDIO_PASSWORD": "open sesame"}) as url:
+        page = chromium.new_context().new_page()
+        page.goto(url)
+        field = page.get_by_label("Access password")
+        expect(field).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("link", name="Chat", exact=True)).to_have_count(0)
+        field.fill("nope")
+        page.get_by_role("button", name="Enter").click()
+        expect(page.get_by_text("Wrong password.")).to_be_visible(timeout=30_000)
+        field.fill("open sesame")
+        page.get_by_role("button", name="Enter").click()
+        expect(page.get_by_role("link", name="Chat", exact=True)).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "password.png"))
