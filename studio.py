@@ -1,9 +1,11 @@
 """What every page shares: the process-wide model manager and store, the visitor, the password gate."""
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import re
+import threading
 import uuid
 
 import psutil
@@ -135,3 +137,47 @@ def render_markdown(text: str) -> str:
         p = _BLOCK_MATH.sub(lambda m: f"$$\n{m.group(1).strip()}\n$$", p)
         parts[i] = _INLINE_MATH.sub(lambda m: f"${m.group(1).strip()}$", p)
     return "".join(parts)
+
+
+class BenchJob:
+    """One benchmark running in the background for the whole app; its results go to SQLite as they come.
+    Each measurement step takes the model queue like a chat request, so chats interleave between steps."""
+
+    def __init__(self, spec, store: Store, manager: ModelManager, owner: str):
+        from glm_core import bench
+        self.spec, self.owner = spec, owner
+        self.cancel = threading.Event()
+        self.progress = {"done": 0, "total": 1, "label": "starting", "eta_s": None}
+        self.results: list[dict] = []
+        self.error = ""
+        self.run_id = store.create_bench_run(bench.machine_info(measure_bandwidth=False), dataclasses.asdict(spec))
+
+        def on_event(event: dict) -> None:
+            if event["type"] == "progress":
+                self.progress = event
+            else:
+                self.results.append(event["result"])
+                store.add_bench_result(self.run_id, event["result"])
+
+        def work() -> None:
+            status = "error"
+            try:
+                report = bench.run(spec, on_event, self.cancel, turn=lambda: manager.turn("benchmark"))
+                status = "stopped" if report["cancelled"] else "done"
+            except Exception as e:  # noqa: BLE001 - shown on the page, kept with the run
+                self.error = f"{type(e).__name__}: {e}"
+            finally:
+                store.finish_bench_run(self.run_id, status)
+
+        self.thread = threading.Thread(target=work, name=f"bench-{self.run_id}", daemon=True)
+        self.thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+
+@st.cache_resource(show_spinner=False)
+def bench_slot() -> dict:
+    """The one benchmark of the process: {"job": BenchJob | None}."""
+    return {"job": None}
