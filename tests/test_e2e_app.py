@@ -121,7 +121,7 @@ def test_switch_the_embedded_model_to_int8(server, chromium):
 
 
 def test_screenshots_of_the_other_pages(server, chromium):
-    for path in ["parameters", "benchmark"]:
+    for path in ["parameters"]:
         page = open_page(chromium, server, path)
         page.wait_for_timeout(2000)
         page.screenshot(path=str(ARTIFACTS / f"{path}.png"), full_page=True)
@@ -141,3 +141,17 @@ def test_password_gate_in_the_browser(chromium):
         page.get_by_role("button", name="Enter").click()
         expect(page.get_by_role("link", name="Chat", exact=True)).to_be_visible(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "password.png"))
+
+
+def test_benchmark_run_ends_with_charts(server, chromium):
+    from conftest import FIXTURES
+    page = open_page(chromium, server, "benchmark")
+    page.get_by_test_id("stSelectbox").filter(has_text="Model").click()
+    page.get_by_role("option", name="Local directory or .gguf file ...").click()
+    page.get_by_label("Path (for the last choice)").fill(str(FIXTURES / "v2"))
+    page.get_by_role("button", name="Run").click()
+    expect(page.get_by_test_id("stVegaLiteChart").first).to_be_visible(timeout=LONG)
+    expect(page.get_by_test_id("stVegaLiteChart")).to_have_count(3, timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "benchmark.png"), full_page=True)
+    page.get_by_test_id("stVegaLiteChart").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "benchmark-charts.png"))
