@@ -16,19 +16,11 @@ import torch
 from .generate import (CausalLM, GenerationParams, PromptTooLongError, ReplyStats, TextStream,
                        generate)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Progress = Callable[[int, int, str], None]
 
 
 class ModelLoadError(RuntimeError):
     """The model cannot be loaded as asked; the message says why and what to do."""
-
-
-def compute_dtype(precision: str, device: str) -> torch.dtype:
-    """Quantized layers take 16-bit activations: bf16 on CPU (fast AVX-512 paths), fp16 on CUDA."""
-    if precision in DTYPES:
-        return DTYPES[precision]
-    return torch.float16 if device.startswith("cuda") else torch.bfloat16
 
 
 @dataclass
@@ -135,7 +127,9 @@ def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu
     model_dir = resolve_model_dir(source)
     config = load_config(model_dir)
     tok = load_tokenizer(model_dir, config.version)
-    model = load_model(model_dir, precision=precision, device=device, progress=progress)
+    # A pre-quantized official checkpoint runs as the official CPU code does (`model.float()`): same logits.
+    dtype = torch.float32 if config.quantization_bit and device == "cpu" else None
+    model = load_model(model_dir, precision=precision, device=device, progress=progress, dtype=dtype)
     return Engine(
         name=name, family=f"chatglm{config.version}", precision=precision, device=device, model=model,
         encode=tok.encode, decode=tok.decode,
@@ -224,7 +218,8 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
         tok = AutoTokenizer.from_pretrained(source, **extra)
         if progress:
             progress(1, 2, "weights")
-        dtype = compute_dtype(precision, device)
+        from .checkpoint import compute_dtype
+        dtype = compute_dtype(precision, device, None)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["GLM_STUDIO_DB"] = str(Path(tempfile.mkdtemp(prefix="glm-studio-test-")) / "history.db")
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = Path(os.environ.get("GLM_STUDIO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 
 
 @pytest.fixture(scope="session")

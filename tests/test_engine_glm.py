@@ -1,0 +1,77 @@
+"""The public API of DESIGN.md on the native ChatGLM engines, against the official goldens."""
+import ast
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import glm_core
+from conftest import FIXTURES
+
+GOLDEN = FIXTURES / "golden"
+CASES = {"v1": "fp32", "v2": "fp32", "v3": "fp32", "v2_int8": "int8", "v2_int4": "int4"}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    name = request.param
+    engine = glm_core.load(str(FIXTURES / name), precision=CASES[name], device="cpu")
+    golden = json.loads((GOLDEN / f"{name}_model.json").read_text())
+    return name, engine, golden
+
+
+def lit(value):
+    return ast.literal_eval(value) if isinstance(value, str) else value
+
+
+def chats(golden: dict) -> list[dict]:
+    return golden.get("chat_greedy") or golden["chat_greedy_codeB"]
+
+
+def messages_of(name: str, chat: dict) -> list[dict]:
+    history = lit(chat["history_in"])
+    messages = []
+    for turn in history:
+        if isinstance(turn, dict):
+            messages.append({k: v for k, v in turn.items() if k in ("role", "content", "tools", "metadata")})
+        else:
+            messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    return messages + [{"role": "user", "content": chat["query"]}]
+
+
+def test_prompt_ids_and_greedy_chat_ids_equal_the_official_chat(case):
+    name, engine, golden = case
+    for chat in chats(golden):
+        ids = engine.prompt_ids(messages_of(name, chat))
+        assert ids == lit(chat["prompt_input_ids"]), chat["name"]
+        assert engine.generate_ids(ids, max_new_tokens=32) == lit(chat["generated_ids"]), chat["name"]
+
+
+def test_logits_of_every_golden_sequence(case):
+    name, engine, golden = case
+    z = np.load(GOLDEN / f"{name}_logits.npz")
+    for seq, ids in golden["sequences"].items():
+        ref = torch.from_numpy(z[f"logits_{seq}"][0])
+        got = engine.logits(ids)
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        scale = ref.abs().max()
+        # The fixtures' gate; pre-quantized checkpoints compute in fp32 on CPU, as the official code does.
+        assert (got - ref).abs().max() <= 1e-4 * scale, (seq, float((got - ref).abs().max() / scale))
+
+
+def test_stream_chat_streams_text_and_stops(case):
+    name, engine, golden = case
+    stop, stats, text = threading.Event(), glm_core.ReplyStats(), ""
+    params = glm_core.GenerationParams(max_new_tokens=20, do_sample=False)
+    for delta in engine.stream_chat([{"role": "user", "content": "你好"}], params, stop, stats):
+        text += delta
+        if stats.new_tokens == 6:
+            stop.set()
+    assert stats.finish_reason in ("stopped", "stop") and stats.new_tokens <= 6 and stats.prompt_tokens > 0
+
+
+def test_tokenizer_is_exposed(case):
+    name, engine, golden = case
+    assert engine.decode(engine.tokenizer.encode("hello world")).strip() == "hello world"

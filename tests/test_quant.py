@@ -1,0 +1,239 @@
+"""glm_core.quant: weight-only int8 / int4 layers against the reference arithmetic and the official fixtures."""
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from glm_core import quant
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+LAYER0 = "transformer.encoder.layers.0."
+LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+needs_known_cpu_layout = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="the int4 CPU layout is read back only where it is known (x86 AVX2 / AVX512)")
+
+
+def official(bits: int):
+    state = torch.load(FIXTURES / f"v2_int{bits}" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    golden = json.loads((FIXTURES / "golden" / f"v2_int{bits}_model.json").read_text())["quantized_layer0"]
+    deq = np.load(FIXTURES / "golden" / f"v2_int{bits}_logits.npz")["dequant_layer0_query_key_value_weight"]
+    return state, golden, torch.from_numpy(deq)
+
+
+def official_qkv(bits: int):
+    state, golden, deq = official(bits)
+    name = LAYER0 + "self_attention.query_key_value."
+    assert state[name + "weight"][0, :8].tolist() == golden["first_row_first_8_bytes"]
+    module = quant.from_official(state[name + "weight"], state[name + "weight_scale"], bits, state[name + "bias"])
+    return module.float(), deq, state[name + "bias"].float(), golden
+
+
+def test_official_int8_layer0_is_the_official_cpu_arithmetic():
+    module, deq, bias, golden = official_qkv(8)
+    assert isinstance(module, quant.Int8Linear)
+    assert torch.equal(module.dequantize(), deq)
+    assert module.dequantize()[0, :16].tolist() == golden["first_row_first_16_dequant"]
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(module(x), x.mm(deq.t()) + bias)  # official W8A16LinearCPU: inp.mm(weight.t()), then + bias
+    eye = torch.eye(128)
+    assert torch.equal(torch.ops.aten._weight_int8pack_mm(eye, module.qweight, module.scales).t(), deq)
+
+
+def test_official_int4_layer0_dequantizes_bit_for_bit():
+    module, deq, bias, golden = official_qkv(4)
+    assert isinstance(module, quant.Int4Linear) and module.group_size == 128
+    assert torch.equal(module.dequantize(), deq)
+    assert module.dequantize()[0, :16].tolist() == golden["first_row_first_16_dequant"]
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(module(x), x.mm(deq.t()) + bias)
+    # the fused kernel on an identity input returns the weights it multiplies by: exact in fp32, and in fp16 up to
+    # rounding each weight to fp16 (bf16 is not exact: the fp16 scales lose bits in bf16)
+    sz = module.scales_and_zeros
+    eye = torch.eye(128)
+    assert torch.equal(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, module.qweight, 128, sz).t(), deq)
+    fp16 = torch.ops.aten._weight_int4pack_mm_for_cpu(eye.half(), module.qweight, 128, sz.half())
+    assert torch.equal(fp16.t(), deq.half())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_official_layers_of_every_shape_load(bits):
+    state, _, _ = official(bits)
+    for linear in LINEARS:
+        name = LAYER0 + linear + "."
+        qweight, scale = state[name + "weight"], state[name + "weight_scale"]
+        module = quant.from_official(qweight, scale, bits, state.get(name + "bias")).float()
+        q = qweight.to(torch.float32) if bits == 8 else quant.unpack_official_int4(qweight).float()
+        assert torch.equal(module.dequantize(), scale.float()[:, None] * q)
+        assert type(module) is (quant.Int8Linear if bits == 8 else quant.Int4Linear)
+
+
+def test_unpack_official_int4_high_nibble_first_sign_extended():
+    packed = torch.tensor([[0x7F - 256 + 256, -128, 0x19, -0x0F]], dtype=torch.int16).to(torch.int8)
+    # 0x7F -> 7, -1 | 0x80 -> -8, 0 | 0x19 -> 1, -7 | 0xF1 -> -1, 1
+    assert quant.unpack_official_int4(packed).tolist() == [[7, -1, -8, 0, 1, -7, -1, 1]]
+
+
+def test_official_int4_without_a_kernel_shape_becomes_exact_int8():
+    q = torch.randint(-7, 8, (16, 48), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    packed = ((q[:, ::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.int8)
+    scale = torch.rand(16).half()
+    module = quant.from_official(packed, scale, 4, None)
+    assert isinstance(module, quant.Int8Linear)  # in_features 48 is not a multiple of 32
+    assert torch.equal(module.float().dequantize(), scale.float()[:, None] * q.float())
+
+
+def test_int8_quantization_and_both_products():
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
+    module = quant.quantize_linear(w, b, "int8")
+    scales = w.abs().amax(dim=1) / 127
+    assert torch.equal(module.scales, scales)
+    assert torch.equal(module.qweight, torch.round(w / scales[:, None]).to(torch.int8))
+    deq = module.dequantize()
+    assert (deq - w).abs().max() <= scales.max() / 2 + 1e-7
+    x = torch.randn(5, 3, 96, generator=g)
+    assert torch.equal(module(x), (x.reshape(-1, 96).mm(deq.t()) + b).reshape(5, 3, 48))
+    bf16 = module.to(torch.bfloat16)
+    for rows in (1, quant.DENSE_MIN_ROWS):  # fused kernel (decode) and dequantize + GEMM (prefill)
+        xb = torch.randn(rows, 96, generator=g).bfloat16()
+        ref = xb.float().mm(bf16.dequantize().t()) + bf16.bias.float()
+        out = bf16(xb)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, atol=0.06, rtol=0.01)
+
+
+def test_int4_quantization_and_both_products():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(80, 256, generator=g)
+    module = quant.quantize_linear(w.bfloat16(), None, "int4", group_size=64)
+    assert isinstance(module, quant.Int4Linear) and module.group_size == 64
+    groups = w.bfloat16().float().view(80, 4, 64)
+    step = (groups.amax(2) - groups.amin(2)) / 15
+    deq = module.dequantize()
+    err = (deq.view(80, 4, 64) - groups).abs()
+    assert (err <= step[..., None] * 0.51 + 1e-2).all()  # half a step, plus bf16 rounding of scale and zero
+    # reference dequantization from the kernel's own parameters
+    sz = module.scales_and_zeros.float()
+    codes = module.unpack_codes(0, 80).float().view(80, 4, 64)
+    assert torch.equal(deq, ((codes - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).view(80, 256))
+    for rows in (1, 3, quant.DENSE_MIN_ROWS + 1):
+        x = torch.randn(rows, 256, generator=g).bfloat16()
+        torch.testing.assert_close(module(x).float(), x.float().mm(deq.t()), atol=0.05, rtol=0.01)
+    x = torch.randn(4, 256, generator=g)
+    assert torch.equal(module.float()(x), x.mm(deq.contiguous().t()))  # W [out, in] as the official code holds it
+
+
+def test_int4_is_better_than_per_channel_and_group_size_helps():
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(4))
+    errors = [(quant.quantize_linear(w, None, "int4", g).dequantize() - w).norm() / w.norm() for g in (256, 128, 32)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[1] < 0.12  # asymmetric 16 levels per 128 columns; per-channel symmetric [-7, 7] is about 0.2 here
+
+
+@needs_known_cpu_layout
+@pytest.mark.parametrize("out_features", [16, 48, 80, 144, 1024 + 48])
+def test_int4_cpu_layout_reads_back(out_features):
+    codes = torch.randint(0, 16, (out_features, 64), generator=torch.Generator().manual_seed(out_features))
+    sz = torch.zeros(1, out_features, 2)
+    module = quant.Int4Linear(codes, sz, 64, None)
+    assert module.unpackable
+    assert torch.equal(module.unpack_codes(0, out_features), codes.to(torch.uint8))
+    if out_features > 1024:
+        assert torch.equal(module.unpack_codes(1024, out_features), codes[1024:].to(torch.uint8))
+
+
+def test_int4_group_size_fallbacks():
+    assert quant.int4_group_size(4096, 4608, 128) == 128
+    assert quant.int4_group_size(13696, 4096, 256) == 128  # 13696 = 107 * 128
+    assert quant.int4_group_size(96, 64, 128) == 32
+    assert quant.int4_group_size(48, 64, 128) is None
+    assert quant.int4_group_size(128, 24, 128) is None  # the CPU kernel packs 16 rows at a time
+    assert quant.quantize_linear(torch.randn(64, 96), None, "int4").group_size == 32
+    assert isinstance(quant.quantize_linear(torch.randn(64, 48), None, "int4"), quant.Int8Linear)
+    assert isinstance(quant.quantize_linear(torch.randn(24, 128), None, "int4"), quant.Int8Linear)
+    with pytest.raises(ValueError, match="group size"):
+        quant.quantize_linear(torch.randn(64, 128), None, "int4", group_size=100)
+    with pytest.raises(ValueError, match="precision"):
+        quant.quantize_linear(torch.randn(64, 128), None, "int3")
+
+
+@pytest.mark.parametrize("precision, ratio", [("int8", 0.51), ("int4", 0.28)])
+def test_modules_hold_no_float_copy_of_the_weight(precision, ratio):
+    weight = torch.randn(256, 512).bfloat16()
+    alive = weakref.ref(weight)
+    module = quant.quantize_linear(weight, None, precision)
+    del weight
+    gc.collect()
+    assert alive() is None
+    state = module.state_dict()
+    assert not any(t.is_floating_point() and t.numel() >= 256 * 512 // 16 for t in state.values())
+    assert sum(t.nbytes for t in state.values()) < ratio * 256 * 512 * 2  # against the bf16 weight
+
+
+def test_bias_is_settable_and_outputs_follow_the_input_dtype():
+    module = quant.quantize_linear(torch.randn(32, 64), torch.ones(32), "int4", 32).to(torch.bfloat16)
+    x = torch.randn(2, 64).bfloat16()
+    with_bias = module(x)
+    module.bias = None
+    torch.testing.assert_close(with_bias, module(x) + 1)
+    module.bias = nn.Parameter(torch.full((32,), 2.0).bfloat16(), requires_grad=False)
+    torch.testing.assert_close(module(x), with_bias + 1)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert module.to(dtype)(x.to(dtype)).dtype == dtype
+    with pytest.raises(RuntimeError, match="packed for cpu"):
+        module(torch.empty(1, 64, device="meta"))
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64, bias=False))
+                                      for _ in range(2)])
+        self.proj_out = nn.Linear(64, 64)
+        self.shared = nn.Linear(64, 64)
+        self.again = self.shared
+        self.lm_head = nn.Linear(64, 50, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.blocks(h)
+        return self.lm_head(self.proj_out(self.again(self.shared(h))))
+
+
+@pytest.mark.parametrize("precision, tolerance", [("int8", 0.02), ("int4", 0.15)])
+def test_quantize_model_replaces_in_place(precision, tolerance):
+    torch.manual_seed(5)
+    model = TinyLM().eval()
+    ids = torch.arange(50)
+    with torch.no_grad():
+        before = model(ids)
+        assert quant.quantize_model(model, precision, group_size=32, skip=lambda n: n == "proj_out") is model
+        after = model(ids)
+    kind = quant.Int8Linear if precision == "int8" else quant.Int4Linear
+    assert all(isinstance(model.blocks[i][j], kind) for i in range(2) for j in (0, 2))
+    assert isinstance(model.shared, kind) and model.again is model.shared
+    assert type(model.proj_out) is nn.Linear
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed.weight
+    assert ((after - before).norm() / before.norm()) < tolerance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_products_match_the_reference():
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(6)).cuda()
+    int8 = quant.quantize_linear(w, None, "int8")
+    codes, scales_and_zeros = quant._quantize_int4(w, 128)
+    int4 = quant.quantize_linear(w, None, "int4")
+    int4_reference = quant.Int4Linear(codes.cpu(), scales_and_zeros.cpu(), 128, None)  # same parameters, CPU layout
+    for module, reference in ((int8, int8.dequantize().cpu()), (int4, int4_reference.dequantize())):
+        for rows in (1, 300):
+            x = torch.randn(rows, 512, device="cuda", dtype=torch.float16)
+            expected = x.float().cpu().mm(reference.t())
+            torch.testing.assert_close(module.half()(x).float().cpu(), expected, atol=0.25, rtol=0.02)
