@@ -51,6 +51,18 @@ def detect_version(raw: dict, tokenizer_config: dict) -> int:
     return 2
 
 
+# Options of the official ChatGLM2/3 config that the native model implements at one value only.
+FIXED_V2_OPTIONS = {"rmsnorm": True, "post_layer_norm": True, "apply_residual_connection_post_layernorm": False,
+                    "add_bias_linear": False, "original_rope": True, "pre_seq_len": None}
+
+
+def check_v2_options(raw: dict, path: Path) -> None:
+    for key, supported in FIXED_V2_OPTIONS.items():
+        if raw.get(key, supported) != supported:
+            raise ConfigError(f"{path}: {key}={raw[key]!r} is not supported; the native ChatGLM2/3 model "
+                              f"implements {key}={supported!r} only (the released checkpoints' value)")
+
+
 def load_config(model_dir: str | Path) -> GLMConfig:
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
@@ -77,6 +89,7 @@ def load_config(model_dir: str | Path) -> GLMConfig:
                 bos_token_id=raw.get("bos_token_id", 130004), mask_token_id=raw.get("mask_token_id", 130000),
                 gmask_token_id=raw.get("gmask_token_id", 130001),
             )
+        check_v2_options(raw, path)
         if not raw.get("multi_query_attention", False):
             groups = raw["num_attention_heads"]
         else:

@@ -1,0 +1,164 @@
+"""Native ChatGLM2/3 against the goldens of the official code (fp32), plus the KV cache contract."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import glm_core.model as model_module
+from glm_core.checkpoint import load_model
+from glm_core.config import load_config
+from glm_core.model import ContextOverflowError, rotary
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+VERSIONS = ["v2", "v3"]
+SEQUENCES = ["s1_len5", "s2_len40", "s3_len200", "s4_chat_layout"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The fixture models are tiny: a second thread only adds synchronisation, which stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """The gate of the brief: max |diff| <= 1e-4 * max |ref| (logits here reach about 60)."""
+    ref = torch.as_tensor(ref, dtype=torch.float32).reshape(out.shape)
+    diff = (out - ref).abs().max().item()
+    assert diff <= 1e-4 * ref.abs().max().item(), f"max |diff| {diff:.3g}, max |ref| {ref.abs().max():.3g}"
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def case(request):
+    ver = request.param
+    golden = json.loads((FIXTURES / "golden" / f"{ver}_model.json").read_text(encoding="utf-8"))
+    arrays = np.load(FIXTURES / "golden" / f"{ver}_logits.npz")
+    return load_model(FIXTURES / ver, "fp32"), golden, arrays
+
+
+@pytest.mark.parametrize("seq", SEQUENCES)
+def test_logits_match_official(case, seq):
+    model, golden, arrays = case
+    assert_close(model.logits(golden["sequences"][seq]), arrays[f"logits_{seq}"][0])
+
+
+def test_kv_cache_step(case):
+    model, golden, arrays = case
+    kv = golden["kv_cache"]
+    model.reset_cache()
+    assert_close(model.prefill(kv["prefill_ids"]), arrays["kv_prefill_logits"][0, -1])
+    step = model.decode_one_token(kv["next_token"])
+    assert_close(step, arrays["kv_step_logits"][0, 0])
+    assert_close(step, arrays["kv_full_logits_last"][0, 0])
+    assert_close(step, model.logits(kv["prefill_ids"] + [kv["next_token"]])[-1])
+    assert model.cached_ids == kv["prefill_ids"] + [kv["next_token"]]
+
+
+@pytest.fixture
+def cache_runs(case, monkeypatch):
+    """(number of ids, start position) of every forward that writes the KV cache."""
+    model, runs, hidden = case[0], [], case[0].hidden
+
+    def counted_hidden(ids, start, use_cache):
+        if use_cache:
+            runs.append((len(ids), start))
+        return hidden(ids, start, use_cache)
+
+    monkeypatch.setattr(model, "hidden", counted_hidden)
+    return runs
+
+
+def test_prefill_reuses_cached_prefix(case, cache_runs):
+    model, golden, arrays = case
+    ids = golden["sequences"]["s3_len200"]
+    fresh = model.logits(ids)[-1]
+    model.reset_cache()
+    model.prefill(ids[:120])
+    assert_close(model.prefill(ids), fresh)
+    assert cache_runs == [(120, 0), (80, 120)]
+    # a prompt that leaves the cached ids at 150 overwrites the stale tail
+    other = ids[:150] + ids[20:60]
+    assert_close(model.prefill(other), model.logits(other)[-1])
+    assert cache_runs[-1] == (40, 150)
+    # the same ids again still run the last one: its logits are the answer
+    assert_close(model.prefill(other), model.logits(other)[-1])
+    assert cache_runs[-1] == (1, 189) and model.cached_ids == other
+
+
+def test_long_prompt_runs_in_chunks(case, cache_runs, monkeypatch):
+    model, golden, arrays = case
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 64)
+    model.reset_cache()
+    assert_close(model.prefill(golden["sequences"]["s3_len200"]), arrays["logits_s3_len200"][0, -1])
+    assert cache_runs == [(64, 0), (64, 64), (64, 128), (8, 192)]
+    assert model.cached_ids == golden["sequences"]["s3_len200"]
+    step = model.decode_one_token(7)
+    assert_close(step, model.logits(golden["sequences"]["s3_len200"] + [7])[-1])
+
+
+def test_greedy_chat_ids(case):
+    model, golden, _ = case
+    for chat in golden["chat_greedy"]:
+        model.reset_cache()
+        logits = model.prefill(chat["prompt_input_ids"])
+        generated = []
+        while len(generated) < len(chat["generated_ids"]):
+            generated.append(int(logits.argmax()))
+            logits = model.decode_one_token(generated[-1])
+        assert generated == chat["generated_ids"], chat["name"]
+
+
+def test_cache_grows_in_chunks_and_overflows(case):
+    model, golden, _ = case
+    seq_length = model.config.seq_length     # 512 in the fixtures
+    ids = (golden["sequences"]["s3_len200"] * 3)[:seq_length]
+    model.reset_cache()
+    assert model.kv_cache is None
+    model.prefill(ids[:10])
+    assert model.kv_cache.shape[3] == 256
+    model.prefill(ids[:300])
+    assert model.kv_cache.shape[3] == 512
+    model.prefill(ids[:-1])
+    model.decode_one_token(ids[-1])
+    assert model.kv_cache.shape[3] == seq_length and len(model.cached_ids) == seq_length
+    with pytest.raises(ContextOverflowError):
+        model.decode_one_token(ids[0])
+    with pytest.raises(ContextOverflowError):
+        model.prefill(ids + ids[:1])
+    with pytest.raises(ContextOverflowError):
+        model.logits(ids + ids[:1])
+    model.reset_cache()
+    assert model.kv_cache is None and model.cached_ids == []
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_bf16_close_to_fp32(ver):
+    """Measured on s3 (200 tokens): max |diff| 0.13 and mean |diff| 0.013 logit std (std about 11.5)."""
+    golden = json.loads((FIXTURES / "golden" / f"{ver}_model.json").read_text(encoding="utf-8"))
+    ref = torch.from_numpy(np.load(FIXTURES / "golden" / f"{ver}_logits.npz")["logits_s3_len200"][0])
+    model = load_model(FIXTURES / ver, "bf16")
+    assert model.transformer.output_layer.weight.dtype == torch.bfloat16
+    out = model.logits(golden["sequences"]["s3_len200"])
+    diff = (out - ref).abs() / ref.std()
+    assert diff.max() < 0.2 and diff.mean() < 0.02
+    model.reset_cache()
+    assert (model.prefill(golden["sequences"]["s3_len200"]) - ref[-1]).abs().max() / ref.std() < 0.2
+
+
+def test_long_context_rotary_per_version():
+    """ChatGLM2-32k interpolates positions (p / rope_ratio); ChatGLM3-32k raises the base (10000 * rope_ratio)."""
+    v2 = load_config(FIXTURES / "v2")
+    v3 = load_config(FIXTURES / "v3")
+    plain_cos, plain_sin = rotary(v2, 0, 64, torch.float32, torch.device("cpu"))
+    v2.rope_ratio = 16.0
+    cos, sin = rotary(v2, 0, 64 * 16, torch.float32, torch.device("cpu"))
+    assert torch.allclose(cos[::16], plain_cos, atol=1e-5) and torch.allclose(sin[::16], plain_sin, atol=1e-5)
+    v3.rope_ratio = 50.0
+    cos, _ = rotary(v3, 1, 1, torch.float32, torch.device("cpu"))
+    dim = v3.head_dim // 2
+    expected = torch.cos(1.0 / 500000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    assert torch.allclose(cos.flatten(), expected, atol=1e-6)
