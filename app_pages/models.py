@@ -6,7 +6,7 @@ import torch
 
 from glm_core import PRECISIONS
 from glm_core.manager import memory_in_use
-from glm_core.registry import EMBEDDED, MODELS, describe
+from glm_core.registry import MODELS, describe
 from studio import get_manager
 
 CUSTOM = "Local directory, .gguf file or Hub id ..."

@@ -1,7 +1,6 @@
 """ChatGLMv1 against the goldens of the official ChatGLM-6B code (fixtures/golden/v1_*)."""
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ from glm_core.checkpoint import load_model
 from glm_core.config import load_config
 from glm_core.model import ContextOverflowError
 from glm_core.model_v1 import ChatGLMv1, attention_mask, context_layout, position_ids
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 GOLDEN = json.loads((FIXTURES / "golden" / "v1_model.json").read_text(encoding="utf-8"))
 SEQUENCES = GOLDEN["sequences"]
 MASK, GMASK, SOP = 1056, 1057, 1060   # fixture ids of [MASK], [gMASK], <sop>

@@ -2,7 +2,6 @@
 import gc
 import json
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,8 @@ import torch
 from torch import nn
 
 from glm_core import quant
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LAYER0 = "transformer.encoder.layers.0."
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 needs_known_cpu_layout = pytest.mark.skipif(

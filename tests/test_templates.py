@@ -1,13 +1,12 @@
 """Chat prompt ids and reply clean-up against what the official chat() did in the goldens."""
 import json
-from pathlib import Path
 
 import pytest
 
 from glm_core.templates import clean_response, prompt_ids, round_prompt
 from glm_core.tokenizer import load_tokenizer
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 MODELS = [("v1", 1), ("v2", 2), ("v3", 3), ("v2_int8", 2), ("v2_int4", 2)]
 TOKENIZERS = {name: load_tokenizer(FIXTURES / name, version) for name, version in MODELS}
 

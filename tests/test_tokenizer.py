@@ -1,12 +1,11 @@
 """The native tokenizers against the goldens of the official ChatGLM tokenizers (v1, v2, v3)."""
 import json
-from pathlib import Path
 
 import pytest
 
 from glm_core.tokenizer import IceTokenizer, load_tokenizer, split_added
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
 def golden(name: str) -> dict:
