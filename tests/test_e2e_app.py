@@ -55,6 +55,24 @@ def wait_reply_done(page: Page) -> str:
     return reply.get_by_test_id("stMarkdownContainer").first.inner_text()
 
 
+def test_home_lists_the_pages_and_a_reply_streams_in(server, chromium):
+    page = open_page(chromium, server)
+    expect(page.get_by_role("heading", name="GLM Studio")).to_be_visible(timeout=60_000)
+    for name in ["Chat", "Parameters", "Models", "Benchmark"]:
+        expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+    page.get_by_role("link", name="Chat", exact=True).click()
+    send(page, "What is the capital of France?")
+    reply = last_reply(page)
+    expect(reply).to_be_visible(timeout=120_000)
+    seen = set()   # the reply's text as it grows: several lengths before the stats line = streamed
+    deadline = time.time() + 240
+    while "tokens/s" not in reply.inner_text() and time.time() < deadline:
+        seen.add(len(reply.get_by_test_id("stMarkdownContainer").first.inner_text()))
+        time.sleep(0.05)
+    expect(reply.get_by_test_id("stCaptionContainer")).to_contain_text("tokens/s")
+    assert len(seen - {0}) >= 2, f"the reply did not stream: lengths seen {sorted(seen)}"
+
+
 def test_two_visitors_chat_at_the_same_time(server, chromium):
     a, b = open_page(chromium, server, "chat"), open_page(chromium, server, "chat")
     short_replies(a)
