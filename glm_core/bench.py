@@ -39,11 +39,11 @@ import torch
 from torch import nn
 
 from .engines import tensor_bytes
+from .registry import PRECISIONS
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_TEXT = Path(__file__).with_name("eval_text.txt")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 RANK = {"fp32": 3, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0}   # the highest in a run is the quality reference
 QUALITY_TOKENS = 512        # tokens of the bundled text scored for quality: seconds on SmolLM2-135M
 WARMUP_TOKENS = 80          # more rows than quant.DENSE_MIN_ROWS: the warm-up runs the prefill and decode paths

@@ -17,9 +17,10 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from . import quant
 from .config import GLMConfig, load_config
+from .registry import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (index, single file) pairs in the order transformers prefers them
 WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
@@ -124,7 +125,6 @@ def quantized_linear(parts: dict[str, Tensor], stored_bits: int, precision: str,
                      device: str) -> nn.Module:
     """One block linear from its stored parts. Quantized on the target device (the int4 packing is per device)
     from weights in the compute dtype, so its scales hold exactly in the dtype they are kept in."""
-    from . import quant
     bias = parts.get("bias")
     bias = None if bias is None else bias.to(device=device, dtype=dtype)
     if stored_bits:

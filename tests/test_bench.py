@@ -2,7 +2,6 @@
 weights at true size (on tiny configs), the CLI's table and JSON, cancel. Correctness only, not speed."""
 import json
 import math
-import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
