@@ -30,7 +30,8 @@ else:
     saved = st.session_state.get("new_chat_params", {})
 params = GenerationParams.from_dict({**defaults.to_dict(), **saved})
 if engine is not None:
-    st.caption(f"Defaults are those of the official demo for **{engine.name}** ({engine.family}).")
+    source = "the official chat demo" if engine.family.startswith("chatglm") else "GLM Studio"
+    st.caption(f"Model defaults for **{engine.name}** are those of {source}.")
 
 
 

@@ -114,13 +114,15 @@ def test_wrong_shape(tmp_path):
 
 
 def test_unknown_tensor(tmp_path):
-    d = safetensors_with(tmp_path, lambda state: state.update({"transformer.prefix_encoder.embedding.weight": torch.zeros(2, 2)}))
+    extra = {"transformer.prefix_encoder.embedding.weight": torch.zeros(2, 2)}
+    d = safetensors_with(tmp_path, lambda state: state.update(extra))
     with pytest.raises(CheckpointError, match="unknown tensor transformer.prefix_encoder.embedding.weight"):
         load_model(d, "bf16")
 
 
 def test_missing_tensors(tmp_path):
-    d = safetensors_with(tmp_path, lambda state: [state.pop(k) for k in ("transformer.output_layer.weight", f"{QKV0}.bias")])
+    dropped = ("transformer.output_layer.weight", f"{QKV0}.bias")
+    d = safetensors_with(tmp_path, lambda state: [state.pop(k) for k in dropped])
     with pytest.raises(CheckpointError, match=rf"missing .*: {QKV0}.bias, transformer.output_layer.weight"):
         load_model(d, "fp32")
 
