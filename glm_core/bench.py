@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import queue
-import resource
 import shutil
 import statistics
 import subprocess
@@ -76,8 +75,9 @@ RANDOM_CONFIGS = {
 # Published reference figures, shown beside measured ones (GB as the sources write it).
 PUBLISHED = {
     "chatglm2-6b": [
-        {"what": "minimum GPU memory to encode 2048 tokens", "values": {"fp16": 13.1, "bf16": 13.1, "int8": 8.2, "int4": 5.5},
-         "unit": "GB", "source": "THUDM/ChatGLM2-6B README, inference efficiency",
+        {"what": "minimum GPU memory to encode 2048 tokens",
+         "values": {"fp16": 13.1, "bf16": 13.1, "int8": 8.2, "int4": 5.5}, "unit": "GB",
+         "source": "THUDM/ChatGLM2-6B README, inference efficiency",
          "conditions": "official code on GPU; decoding 8192 tokens: 12.8 / 8.1 / 5.1 GB"},
         {"what": "MMLU accuracy", "values": {"bf16": 45.47, "int4": 43.13}, "unit": "%",
          "source": "THUDM/ChatGLM2-6B README, quantization table", "conditions": "C-Eval dev: 53.57 bf16, 50.30 int4"},
@@ -101,12 +101,12 @@ class BenchError(ValueError):
 
 
 class Cancelled(Exception):
-    pass
+    """The caller's cancel event was set."""
 
 
 @dataclass
 class BenchSpec:
-    model: str                       # registry name / local dir / .gguf / Hub id, or "random:chatglm2-6b" (or random:CONFIG.json)
+    model: str                       # registry name / dir / .gguf / Hub id, or random:chatglm2-6b (random:CONFIG.json)
     precisions: list[str]
     prompt_tokens: list[int]
     new_tokens: int = 128
@@ -160,7 +160,7 @@ def machine_info(measure_bandwidth: bool = True) -> dict:
         "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "ram_gb": round(psutil.virtual_memory().total / GIB, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "load_avg": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__, "load_avg": round(psutil.getloadavg()[0], 2),
         "bandwidth_gbps": round(memory_bandwidth_gbps(), 2) if measure_bandwidth else None,
     }
 
@@ -200,10 +200,10 @@ def random_checkpoint(name: str, on_shard: Callable[[int, int], None] | None = N
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     (partial / "config.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
-    shapes = build_model(load_config(partial), torch.float16).named_parameters(remove_duplicate=False)
+    params = build_model(load_config(partial), torch.float16).named_parameters(remove_duplicate=False)
     shards: list[list[tuple[str, torch.Size]]] = [[]]
     size = 0
-    for param_name, param in shapes:   # meta tensors: shapes only
+    for param_name, param in params:   # meta tensors: shapes only
         if size and size + param.nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -224,7 +224,6 @@ def random_checkpoint(name: str, on_shard: Callable[[int, int], None] | None = N
             weight_map[param_name] = filename
             total += tensors[param_name].nbytes
         save_file(tensors, str(partial / filename), metadata={"format": "pt"})
-        del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     shutil.rmtree(target, ignore_errors=True)
@@ -336,6 +335,11 @@ def time_generation(subject: Subject, ids: list[int], new_tokens: int, device: s
 
 
 def peak_rss_bytes() -> int:
+    """The process's highest resident memory so far."""
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):   # Windows
+        return info.peak_wset
+    import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024   # Linux counts KiB
 
@@ -502,6 +506,7 @@ def run(spec: BenchSpec, on_event: Callable[[dict], None] | None = None, cancel:
     emit({"type": "progress", "done": 0, "total": progress.total, "label": "starting", "eta_s": None})
     results: list[dict] = []
     reference: tuple[str, Path] | None = None    # (precision, saved distributions) of the quality reference
+    cancelled = False
     try:
         model_dir = None
         if random:
@@ -520,14 +525,15 @@ def run(spec: BenchSpec, on_event: Callable[[dict], None] | None = None, cancel:
                 job = {**asdict(spec), "precision": precision, "prompt_tokens": sorted(spec.prompt_tokens),
                        "model_dir": model_dir, "bandwidth_gbps": bandwidth,
                        "quality_dir": quality_dir if quality else None}
-                base = {"model": spec.model, "precision": precision, "device": spec.device, "new_tokens": spec.new_tokens,
-                        "repeats": spec.repeats,
-                        "machine": {**machine, "bandwidth_gbps": round(bandwidth, 2), "load_avg": round(os.getloadavg()[0], 2)}}
+                now = {"bandwidth_gbps": round(bandwidth, 2), "load_avg": round(psutil.getloadavg()[0], 2)}
+                base = {"model": spec.model, "precision": precision, "device": spec.device,
+                        "new_tokens": spec.new_tokens, "repeats": spec.repeats, "machine": {**machine, **now}}
                 try:
                     need = estimated_weights_gb(model_dir or spec.model, precision)
                     free = psutil.virtual_memory().available / GIB
                     if spec.device == "cpu" and need is not None and need > free:
-                        raise BenchError(f"{precision} needs about {need:.1f} GiB for its weights, {free:.1f} GiB is free")
+                        raise BenchError(f"{precision} needs about {need:.1f} GiB for its weights, "
+                                         f"{free:.1f} GiB is free")
                     with turn() if turn is not None else nullcontext():
                         outcome = run_child(job, cancel, progress.step)
                 except BenchError as e:
@@ -541,8 +547,8 @@ def run(spec: BenchSpec, on_event: Callable[[dict], None] | None = None, cancel:
                     results.append(row)
                     emit({"type": "result", "result": row})
     except Cancelled:
-        return {"machine": machine, "spec": asdict(spec), "results": results, "cancelled": True}
-    return {"machine": machine, "spec": asdict(spec), "results": results, "cancelled": False}
+        cancelled = True
+    return {"machine": machine, "spec": asdict(spec), "results": results, "cancelled": cancelled}
 
 
 def add_quality(rows: list[dict], measured: dict | None, reference: tuple[str, Path] | None,

@@ -114,8 +114,8 @@ def test_random_weights_are_written_once_and_have_no_quality(tmp_path, monkeypat
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    names = {n for n, _ in build_model(load_config(config.parent), torch.float16).named_parameters(remove_duplicate=False)}
-    assert set(index["weight_map"]) == names
+    model = build_model(load_config(config.parent), torch.float16)
+    assert set(index["weight_map"]) == {n for n, _ in model.named_parameters(remove_duplicate=False)}
     stamp = (folder / shards[0]).stat().st_mtime_ns
     assert bench.random_checkpoint(str(config)) == folder and (folder / shards[0]).stat().st_mtime_ns == stamp
 
@@ -176,5 +176,6 @@ def test_cancel_kills_the_running_child():
     spec = bench.BenchSpec(model=V2, precisions=["fp32", "int8"], prompt_tokens=[8, 16], new_tokens=200)
     report = bench.run(spec, on_event=on_event, cancel=cancel)
     assert report["cancelled"] and report["results"] == []
-    alive = [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    children = psutil.Process().children(recursive=True)
+    alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not any("--child" in " ".join(p.cmdline()) for p in alive)
