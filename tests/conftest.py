@@ -26,3 +26,14 @@ def store():
     s = open_store()
     yield s
     s.close()
+
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The fixture models are tiny: a second thread only adds synchronisation, which stalls on a busy machine."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,6 @@ import json
 import math
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 import psutil
 import pytest
@@ -15,9 +14,8 @@ from glm_core import bench
 from glm_core.checkpoint import build_model, load_model
 from glm_core.config import load_config
 from glm_core.engines import tensor_bytes
+from conftest import FIXTURES
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
 V2 = str(FIXTURES / "v2")
 
 

@@ -10,19 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from glm_core.checkpoint import CheckpointError, load_model, resolve_model_dir
 from glm_core.model import ChatGLM
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V2_SHARDS = [f"pytorch_model-0000{i}-of-00005.bin" for i in range(1, 6)]
 QKV0 = "transformer.encoder.layers.0.self_attention.query_key_value"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The fixture models are tiny: a second thread only adds synchronisation, which stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def copy_checkpoint(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:

@@ -1,6 +1,5 @@
 """Native ChatGLM2/3 against the goldens of the official code (fp32), plus the KV cache contract."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,19 +9,12 @@ import glm_core.model as model_module
 from glm_core.checkpoint import load_model
 from glm_core.config import load_config
 from glm_core.model import ContextOverflowError, rotary
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VERSIONS = ["v2", "v3"]
 SEQUENCES = ["s1_len5", "s2_len40", "s3_len200", "s4_chat_layout"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The fixture models are tiny: a second thread only adds synchronisation, which stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
