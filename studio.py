@@ -143,9 +143,9 @@ class BenchJob:
     """One benchmark running in the background for the whole app; its results go to SQLite as they come.
     Each measurement step takes the model queue like a chat request, so chats interleave between steps."""
 
-    def __init__(self, spec, store: Store, manager: ModelManager, owner: str):
+    def __init__(self, spec, store: Store, manager: ModelManager):
         from glm_core import bench
-        self.spec, self.owner = spec, owner
+        self.spec = spec
         self.cancel = threading.Event()
         self.progress = {"done": 0, "total": 1, "label": "starting", "eta_s": None}
         self.results: list[dict] = []

@@ -8,7 +8,7 @@ import torch
 from glm_core import PRECISIONS
 from glm_core.bench import PUBLISHED, RANDOM, BenchSpec
 from glm_core.registry import EMBEDDED, MODELS
-from studio import BenchJob, bench_slot, get_manager, store_or_stop, visitor_id
+from studio import BenchJob, bench_slot, get_manager, store_or_stop
 
 CUSTOM = "Local directory or .gguf file ..."
 UNITS = {"load_s": "load (s)", "weights_gb": "weights (GiB)", "peak_rss_gb": "peak RSS (GiB)",
@@ -17,7 +17,6 @@ UNITS = {"load_s": "load (s)", "weights_gb": "weights (GiB)", "peak_rss_gb": "pe
          "top1_agreement": "top-1 agreement", "mean_kl": "mean KL (nats)", "perplexity": "perplexity"}
 
 store = store_or_stop()
-owner = visitor_id()
 slot = bench_slot()
 
 st.title("Benchmark")
@@ -79,7 +78,7 @@ def new_run_form() -> None:
                    f"cached. Without the weights, use random:{name.split('-int')[0]}.")
     spec = BenchSpec(model=name, precisions=precisions, prompt_tokens=sorted(prompts), new_tokens=int(new_tokens),
                      repeats=int(repeats), device=device)
-    slot["job"] = BenchJob(spec, store, get_manager(), owner)
+    slot["job"] = BenchJob(spec, store, get_manager())
     st.rerun()
 
 
