@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .engines import tensor_bytes
+from .quant import Int8Embedding
 from .registry import PRECISIONS
 
 GIB = 2**30
@@ -290,10 +291,15 @@ def load_subject(job: dict) -> Subject:
 def bytes_read_per_token(module: nn.Module) -> int:
     """Bytes of weights a decode step reads: every tensor once, except embedding tables (one row is looked up)
     unless an output layer shares them."""
-    linear = {m.weight.data_ptr() for m in module.modules() if isinstance(m, nn.Linear)}
-    lookup_only = sum(m.weight.nbytes for m in module.modules()
-                      if isinstance(m, nn.Embedding) and m.weight.data_ptr() not in linear)
-    return tensor_bytes(module) - lookup_only
+    def own(m: nn.Module) -> list[torch.Tensor]:
+        return [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+
+    def is_table(m: nn.Module) -> bool:
+        return isinstance(m, (nn.Embedding, Int8Embedding))
+    elsewhere = {t.data_ptr() for m in module.modules() if not is_table(m) for t in own(m)}
+    lookup_only = {t.data_ptr(): t.nbytes for m in module.modules() if is_table(m)
+                   for t in own(m) if t.data_ptr() not in elsewhere}
+    return tensor_bytes(module) - sum(lookup_only.values())
 
 
 def kv_bytes_per_position(model) -> float:

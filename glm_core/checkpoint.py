@@ -1,20 +1,26 @@
 """Load an official ChatGLM checkpoint (v1, v2, v3; fp16 or pre-quantized int4/int8) into the native model.
 
-The model is built on the meta device and filled one shard at a time: each tensor is copied to the target
-dtype and device as it is read and the shard is dropped before the next one opens, so the fp16 state dict
-is never whole in memory. For int8/int4 from full-precision weights, each block linear is quantized as soon
-as its weight and bias have been read.
+The model is built on the meta device and filled one tensor at a time: safetensors shards are read with
+plain reads, a tensor at a time (a memory map would keep every page read so far resident until the shard
+closes), each tensor is copied to the target dtype and device, and the fp16 state dict is never whole in
+memory. For int8/int4 from full-precision weights, each block linear is quantized (a slice of rows at a time)
+as soon as its weight and bias have been read, and freed memory goes back to the OS at once. The output layer
+and the embedding table become int8 at both precisions: they are the largest matrices, int8 halves them, and
+it keeps the logits closer than int4 would (llama.cpp's quantization mixes do the same). Quantized models
+compute in fp32 on CPU (their linears round inputs to bf16, see quant).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import pickle
+import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from . import quant
@@ -75,29 +81,93 @@ def shard_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir} holds no weights; expected {EXPECTED_FILES}")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs of a .safetensors file in file order, each tensor read into memory of its own."""
+    with open(path, "rb") as f:
+        file_size = path.stat().st_size
+        (header_size,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if not 2 <= header_size <= file_size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file (header of {header_size} bytes, file of {file_size})")
+        try:
+            header = json.loads(f.read(header_size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
+        header.pop("__metadata__", None)
+        base = 8 + header_size
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which ChatGLM never stores")
+            if base + end > file_size:
+                raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {base + end}, "
+                                      f"the file has {file_size}")
+            data = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(base + begin)
+            f.readinto(memoryview(data.numpy()))
+            yield name, data.view(dtype).reshape(info["shape"])
+
+
+def largest_tensor_bytes(path: Path) -> int:
+    """Bytes of the largest tensor of a safetensors shard, from its header (0 for other formats or a bad header:
+    reading the shard reports those)."""
+    if path.suffix != ".safetensors":
+        return 0
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(size, path.stat().st_size)))
+        return max(end - begin for key, (begin, end) in
+                   ((k, v["data_offsets"]) for k, v in header.items() if k != "__metadata__"))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return 0
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)   # glibc only
+    except (OSError, TypeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS. glibc keeps freed blocks under 32 MB for reuse, and loading frees
+    a float copy of every layer: without this the peak RSS counts them all (measured 0.9 GiB on ChatGLM2-6B)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def read_shard(path: Path) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor) pairs of one shard, touching the file lazily (mmap) rather than reading it whole."""
+    """(name, tensor) pairs of one shard, never the whole shard in memory at once."""
     try:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            yield from read_safetensors(path)
         else:
             yield from torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()
-    except (RuntimeError, OSError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {e}") from e
 
 
 def compute_dtype(precision: str, device: str, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of activations and of every tensor but the quantized linears' integers. int8/int4 default to
-    bf16 on CPU and fp16 elsewhere; fp32 reproduces the official CPU recipe (`model.float()`)."""
+    """The dtype of activations and of every tensor but the quantized linears and the embedding table. int8/int4
+    default to fp32 on CPU (their linears take bf16 inputs, see quant) and fp16 elsewhere; fp32 also reproduces
+    the official CPU recipe (`model.float()`)."""
     if precision in FLOAT_DTYPES:
         if dtype not in (None, FLOAT_DTYPES[precision]):
             raise CheckpointError(f"dtype {dtype} contradicts precision {precision}; dtype is for int8/int4 only")
         return FLOAT_DTYPES[precision]
     if dtype is not None:
         return dtype
-    return torch.bfloat16 if device == "cpu" else torch.float16
+    return torch.float32 if device == "cpu" else torch.float16
 
 
 def build_model(config: GLMConfig, dtype: torch.dtype) -> nn.Module:
@@ -123,15 +193,15 @@ def quantized_shapes(linear: nn.Linear, stored_bits: int) -> dict[str, tuple[int
 
 def quantized_linear(parts: dict[str, Tensor], stored_bits: int, precision: str, dtype: torch.dtype,
                      device: str) -> nn.Module:
-    """One block linear from its stored parts. Quantized on the target device (the int4 packing is per device)
-    from weights in the compute dtype, so its scales hold exactly in the dtype they are kept in."""
+    """One linear from its stored parts. Official quantized layers keep the official arithmetic in the compute
+    dtype; others are quantized on the target device (the int4 packing is per device) for its kernels."""
     bias = parts.get("bias")
     bias = None if bias is None else bias.to(device=device, dtype=dtype)
     if stored_bits:
-        layer = quant.from_official(parts["weight"].to(device), parts["weight_scale"].to(device), stored_bits, bias)
-    else:
-        layer = quant.quantize_linear(parts["weight"].to(device=device, dtype=dtype), bias, precision)
-    return layer.to(dtype)
+        return quant.from_official(parts["weight"].to(device), parts["weight_scale"].to(device), stored_bits,
+                                   bias).to(dtype)
+    return quant.quantize_linear(parts["weight"].to(device), bias, precision,
+                                 activation_dtype=quant.activation_dtype_for(device))
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
@@ -163,12 +233,19 @@ def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cp
     if stored_bits and precision != f"int{stored_bits}":
         raise CheckpointError(f"{model_dir} holds official int{stored_bits} weights (config.json quantization_bit="
                               f"{stored_bits}); it can be loaded as int{stored_bits} only, not {precision}")
-    shards = shard_files(model_dir)
+    # the shard with the largest matrix (the output layer) first, while little else is resident
+    shards = sorted(shard_files(model_dir), key=largest_tensor_bytes, reverse=True)
     dtype = compute_dtype(precision, device, dtype)
     model = build_model(config, dtype)
     tied = tied_names(model)
     params = {name: param for name, param in model.named_parameters(remove_duplicate=False) if name not in tied}
-    quantized = set(model.quantizable) if precision in ("int8", "int4") else set()
+    quantized: dict[str, str] = {}  # linear -> the precision it takes
+    if precision in ("int8", "int4"):
+        quantized = dict.fromkeys(model.quantizable, precision)
+        if not stored_bits:
+            quantized.update(dict.fromkeys(model.output_layers, "int8"))
+    int8_tables = {f"{name}.weight" for name, module in model.named_modules()   # quantized from full precision
+                   if isinstance(module, nn.Embedding) and quantized and not stored_bits}
     pending: dict[str, dict[str, Tensor]] = {}  # block linear -> the parts of it read so far
 
     def check_shape(name: str, tensor: Tensor, expected: tuple[int, ...], path: Path) -> None:
@@ -191,12 +268,18 @@ def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cp
                 parts = pending.setdefault(module_name, {})
                 parts[leaf] = tensor
                 if parts.keys() == shapes.keys():
-                    put(model, module_name, quantized_linear(pending.pop(module_name), stored_bits, precision,
-                                                             dtype, device))
+                    put(model, module_name, quantized_linear(pending.pop(module_name), stored_bits,
+                                                             quantized[module_name], dtype, device))
+                    del parts, tensor
+                    release_freed_memory()
             elif name in params:
                 check_shape(name, tensor, params[name].shape, path)
-                value = tensor.to(device=device, dtype=dtype, copy=True)    # own memory: the shard is about to go
-                put(model, name, nn.Parameter(value, requires_grad=False))
+                if name in int8_tables:
+                    scale_dtype = quant.activation_dtype_for(device) or dtype   # as the tied output layer's
+                    put(model, module_name, quant.Int8Embedding.quantize(tensor.to(device), scale_dtype))
+                else:
+                    value = tensor.to(device=device, dtype=dtype, copy=True)    # own memory: the file buffer goes
+                    put(model, name, nn.Parameter(value, requires_grad=False))
             else:
                 raise CheckpointError(f"{path.name}: unknown tensor {name}, not part of a ChatGLM"
                                       f"{'' if config.version == 1 else config.version}-6B model")
@@ -204,7 +287,11 @@ def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cp
             progress(done, len(shards), path.name)
 
     for alias, owner in tied.items():
-        put(model, alias, model.get_parameter(owner))
+        table = model.get_submodule(owner.rpartition(".")[0])
+        if isinstance(table, quant.Int8Embedding):   # ChatGLM-6B's output layer is its embedding table
+            put(model, alias.rpartition(".")[0], table.as_linear(quant.activation_dtype_for(device)))
+        else:
+            put(model, alias, model.get_parameter(owner))
     missing = [f"{module}.{leaf}" for module, parts in pending.items()
                for leaf in quantized_shapes(model.get_submodule(module), stored_bits) if leaf not in parts]
     missing += [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]

@@ -127,9 +127,7 @@ def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu
     model_dir = resolve_model_dir(source)
     config = load_config(model_dir)
     tok = load_tokenizer(model_dir, config.version)
-    # A pre-quantized official checkpoint runs as the official CPU code does (`model.float()`): same logits.
-    dtype = torch.float32 if config.quantization_bit and device == "cpu" else None
-    model = load_model(model_dir, precision=precision, device=device, progress=progress, dtype=dtype)
+    model = load_model(model_dir, precision=precision, device=device, progress=progress)
     return Engine(
         name=name, family=f"chatglm{config.version}", precision=precision, device=device, model=model,
         encode=tok.encode, decode=tok.decode,

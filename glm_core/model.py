@@ -7,7 +7,6 @@ checkpoint loads by name. The KV cache is preallocated inside the model and reus
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn as nn
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import GLMConfig
+from .quant import slow_half_gemm
 
 CACHE_CHUNK = 256           # KV cache grows by this many positions at a time
 PREFILL_CHUNK = 512         # prompt ids run at a time: bounds activation memory on long prompts
@@ -28,15 +28,6 @@ class ContextOverflowError(ValueError):
 def check_length(n: int, config: GLMConfig) -> None:
     if n > config.seq_length:
         raise ContextOverflowError(f"{n} tokens do not fit in the model's context of {config.seq_length}")
-
-
-@functools.cache
-def slow_half_gemm(dtype: torch.dtype) -> bool:
-    """True where torch has no oneDNN kernel for bf16/fp16 matmul on this CPU (AVX2 only): there such a GEMM
-    runs about 10x slower than fp32, while a GEMV (decode) is fine."""
-    if dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
@@ -169,20 +160,22 @@ class ChatGLM(nn.Module):
         self.quantizable = [f"transformer.encoder.layers.{i}.{name}" for i in range(config.num_layers)
                             for name in ("self_attention.query_key_value", "self_attention.dense",
                                          "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")]
+        self.output_layers = ["transformer.output_layer"]   # quantized too when quantizing from full precision
         self.kv_cache: Tensor | None = None     # [num_layers, 2, kv_groups, capacity, head_dim]
         self.cached_ids: list[int] = []
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.embedding.word_embeddings.weight.dtype
+        """The compute dtype (quantized models keep an int8 embedding table: see checkpoint)."""
+        return self.transformer.encoder.final_layernorm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.embedding.word_embeddings.weight.device
+        return self.transformer.encoder.final_layernorm.weight.device
 
     def hidden(self, ids: list[int], start: int, use_cache: bool) -> Tensor:
         """Final-normed hidden states [len(ids), hidden] of ids placed at positions start.."""
-        x = self.transformer.embedding.word_embeddings(torch.tensor(ids, device=self.device))
+        x = self.transformer.embedding.word_embeddings(torch.tensor(ids, device=self.device)).to(self.dtype)
         cos, sin = rotary(self.config, start, len(ids), self.dtype, self.device)
         for i, layer in enumerate(self.transformer.encoder.layers):
             cache = (self.kv_cache[i, 0], self.kv_cache[i, 1]) if use_cache else None
@@ -223,7 +216,7 @@ class ChatGLM(nn.Module):
             chunk = ids[start : start + PREFILL_CHUNK]
             hidden = self.hidden(chunk, start, use_cache=True)
             self.cached_ids += chunk
-        return self.transformer.output_layer(hidden[-1:])[0].float()
+        return linear(self.transformer.output_layer, hidden[-1:])[0].float()
 
     @torch.inference_mode()
     def decode_one_token(self, token: int) -> Tensor:
@@ -231,7 +224,7 @@ class ChatGLM(nn.Module):
         self.reserve(start + 1)
         hidden = self.hidden([token], start, use_cache=True)
         self.cached_ids.append(token)
-        return self.transformer.output_layer(hidden)[0].float()
+        return linear(self.transformer.output_layer, hidden)[0].float()
 
     def reset_cache(self) -> None:
         self.kv_cache = None

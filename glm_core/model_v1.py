@@ -147,6 +147,7 @@ class ChatGLMv1(nn.Module):
         self.quantizable = [f"transformer.layers.{i}.{name}" for i in range(config.num_layers)
                             for name in ("attention.query_key_value", "attention.dense",
                                          "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")]
+        self.output_layers: list[str] = []   # lm_head is the embedding table, quantized with it
         self.cached_ids: list[int] = []
         self.context_length = 0       # of the cached ids
         self.mask_position = 0        # of the cached ids
@@ -155,11 +156,12 @@ class ChatGLMv1(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.word_embeddings.weight.device
+        return self.transformer.final_layernorm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.word_embeddings.weight.dtype
+        """The compute dtype (quantized models keep an int8 embedding table: see checkpoint)."""
+        return self.transformer.final_layernorm.weight.dtype
 
     def hidden(self, ids: list[int], start: int, context_length: int, mask_position: int, use_cache: bool) -> Tensor:
         """Final-normed hidden states [len(ids), hidden] of ids placed at positions start..; with use_cache
@@ -172,7 +174,7 @@ class ChatGLMv1(nn.Module):
         cos = torch.stack((cos_table[pos], cos_table[block]), dim=1)[:, None, :, None, :]
         sin = torch.stack((sin_table[pos], sin_table[block]), dim=1)[:, None, :, None, :]
         mask = None if T == 1 else attention_mask(start, T, context_length, device)   # one new id sees all
-        x = self.transformer.word_embeddings(torch.tensor(ids, dtype=torch.long, device=device))
+        x = self.transformer.word_embeddings(torch.tensor(ids, dtype=torch.long, device=device)).to(self.dtype)
         with sdpa_kernel(ATTENTION_BACKENDS):
             for i, layer in enumerate(self.transformer.layers):
                 cache = (self.kv_cache[i, 0], self.kv_cache[i, 1]) if use_cache else None
@@ -226,7 +228,7 @@ class ChatGLMv1(nn.Module):
         self.context_length, self.mask_position = context_length, mask_position
         hidden = self.hidden(ids[keep:], keep, context_length, mask_position, use_cache=True)
         self.cached_ids = list(ids)
-        return self.lm_head(hidden[-1:])[0].float()
+        return linear(self.lm_head, hidden[-1:])[0].float()
 
     @torch.inference_mode()
     def decode_one_token(self, token: int) -> Tensor:
@@ -236,7 +238,7 @@ class ChatGLMv1(nn.Module):
         self.reserve(start + 1)
         hidden = self.hidden([token], start, self.context_length, self.mask_position, use_cache=True)
         self.cached_ids.append(token)
-        return self.lm_head(hidden)[0].float()
+        return linear(self.lm_head, hidden)[0].float()
 
     def reset_cache(self) -> None:
         self.kv_cache = None

@@ -6,21 +6,25 @@ product by `aten._weight_int4pack_mm_for_cpu` (CPU) or `aten._weight_int4pack_mm
 The official ChatGLM INT4 format (per-channel symmetric, values -7..7) is the special case zero = 0 with
 the channel scale repeated over every group, so its dequantized weights are exactly `float(scale) * q`.
 
-Which product runs:
-- fp32 activations: dequantize to fp32 and `x.mm(w.t())`, the official CPU arithmetic op for op.
-- CPU, bf16/fp16, fewer than DENSE_MIN_ROWS rows (decode): the fused kernel.
-- CPU, more rows (prefill): dequantize DENSE_CHUNK_ELEMENTS weights at a time to fp32 and use the fp32 GEMM,
-  which on CPUs without native bf16 is faster than both the fused kernels and a bf16 GEMM (measured 1.7x / 5x
-  at 512 rows on a 2-core AVX2 EPYC).
-- CUDA: int4 runs the bf16 tinygemm kernel; int8 dequantizes and matmuls in the activation dtype, because the
-  CUDA `_weight_int8pack_mm` (torch 2.11, H100) was 9x slower than that for one row and 600x for 512.
+`activation_dtype` is what a layer rounds its input to before the product (None: the input's own dtype).
+Layers quantized here on CPU take bf16, the only dtype torch's CPU kernels are fast in (fp32 input runs them
+8-100x slower), while the model around them keeps fp32: only the product's input is rounded, and sums are fp32.
+Official checkpoints keep None: fp32 input then gives the official CPU arithmetic op for op.
 
-Scales, zeros and bias are float tensors that follow `module.to(dtype)` like parameters; they start in the
-dtype of the weight given. Keep them in the compute dtype (`model.to(dtype)`): otherwise every call casts them.
+Which product runs on CPU: fewer than DENSE_MIN_ROWS rows in bf16/fp16 (decode) take the fused kernel; more
+rows (prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a
+GEMM: in bf16 where the CPU has native bf16, else in fp32, which there beats both the fused kernels and a bf16
+GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC). On CUDA int4 runs the bf16 tinygemm kernel; int8 dequantizes and
+matmuls in the input dtype, because the CUDA `_weight_int8pack_mm` (torch 2.11, H100) was 9x slower than that
+for one row and 600x for 512.
+
+Scales and zeros are kept in the activation dtype (else the input's), so the kernels take them as they are;
+they follow `module.to(dtype)` like the bias, so cast a model before quantizing it, not after.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +32,16 @@ from torch import Tensor, nn
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # the group sizes the int4 kernels accept, largest first
 DENSE_MIN_ROWS = 128                    # CPU: from this many rows on, dequantize + fp32 GEMM beats the fused kernels
 DENSE_CHUNK_ELEMENTS = 4 << 20          # weights dequantized at a time (16 MB in fp32): bounded scratch, in cache
+QUANTIZE_ROWS = 2048                    # rows quantized at a time: bounds the fp32 scratch; whole int4 CPU blocks
+
+
+@functools.cache
+def slow_half_gemm(dtype: torch.dtype) -> bool:
+    """True where torch has no oneDNN kernel for bf16/fp16 matmul on this CPU (AVX2 only): there such a GEMM
+    runs about 10x slower than fp32, while a GEMV (decode) is fine."""
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def _as_bias(bias: Tensor | None) -> nn.Parameter | None:
@@ -36,44 +50,90 @@ def _as_bias(bias: Tensor | None) -> nn.Parameter | None:
 
 def _dense_matmul(x: Tensor, module: nn.Module) -> Tensor:
     """x [M, in] @ W.T with W dequantized. fp32 runs as one product on W [out, in], the official CPU code op for op;
-    accelerators run one product in the activation dtype; CPU computes in fp32 (a fast GEMM on every CPU, unlike
-    bf16 without native support), a chunk of output rows at a time so the scratch weight stays small and in cache."""
+    accelerators run one product in the input dtype. On CPU half inputs are multiplied in their dtype where the
+    CPU has a native half GEMM, else in fp32 (a fast GEMM on every CPU), a chunk of output rows at a time so the
+    scratch weight stays small and in cache."""
     if x.dtype == torch.float32:
         return x.mm(module.dequantize(torch.float32).contiguous().t())
     if x.device.type != "cpu":
         return x.mm(module.dequantize(x.dtype).t())
-    xf = x.float()
-    out = torch.empty(x.shape[0], module.out_features, dtype=torch.float32)
+    dtype = torch.float32 if slow_half_gemm(x.dtype) else x.dtype
+    x = x.to(dtype)
+    out = torch.empty(x.shape[0], module.out_features, dtype=dtype)
     rows = max(64, DENSE_CHUNK_ELEMENTS // module.in_features // 64 * 64)  # on int4 block edges (32 or 64 rows)
     for start in range(0, module.out_features, rows):
         stop = min(start + rows, module.out_features)
-        out[:, start:stop] = xf.mm(module.dequantize(torch.float32, start, stop).t())
-    return out.to(x.dtype)
+        out[:, start:stop] = x.mm(module.dequantize(dtype, start, stop).t())
+    return out
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: the input's rounding, the choice of product, the bias."""
+
+    in_features: int
+    out_features: int
+    unpackable = True   # whether dequantize() can read the weights back (Int4Linear: only known CPU layouts)
+
+    def __init__(self, bias: Tensor | None, activation_dtype: torch.dtype | None):
+        super().__init__()
+        self.bias = _as_bias(bias)
+        self.activation_dtype = activation_dtype
+
+    def fused(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        xa = x2 if self.activation_dtype is None else x2.to(self.activation_dtype)
+        fused = xa.dtype != torch.float32 and x2.shape[0] < DENSE_MIN_ROWS
+        if x.device.type == "cuda" or fused or not self.unpackable:
+            y = self.fused(xa.contiguous())
+        else:
+            y = _dense_matmul(xa, self)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias  # after the product, as the official code adds it
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(QuantizedLinear):
     """y = x @ (scale * q).T + bias with q int8 [out, in] and one scale per output row."""
 
-    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None):
-        super().__init__()
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None,
+                 activation_dtype: torch.dtype | None = None):
+        super().__init__(bias, activation_dtype)
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
         self.register_buffer("scales", scales.contiguous())
-        self.bias = _as_bias(bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
         rows = slice(start, self.out_features if stop is None else stop)
         return self.qweight[rows] * self.scales[rows, None].to(dtype)  # one pass: int8 * float promotes to float
 
-    def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype != torch.float32 and x2.shape[0] < DENSE_MIN_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x.dtype))
-        else:
-            y = _dense_matmul(x2, self)
-        if self.bias is not None:
-            y = y + self.bias  # after the product, as the official code adds it
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def fused(self, x: Tensor) -> Tensor:
+        if x.device.type == "cuda":
+            return _dense_matmul(x, self)
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table as int8 rows, one scale per row: a lookup dequantizes only the rows it takes (fp32)."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def quantize(cls, weight: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> "Int8Embedding":
+        return cls(*_quantize_int8(weight, scale_dtype))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.qweight[ids].float() * self.scales[ids, None].float()
+
+    def as_linear(self, activation_dtype: torch.dtype | None) -> Int8Linear:
+        """The same table as an output layer (tied weights), sharing its tensors: no bytes added."""
+        return Int8Linear(self.qweight, self.scales, None, activation_dtype)
 
 
 def _cpu_block_layout() -> tuple[int, bool]:
@@ -100,27 +160,31 @@ def _unpack_into(packed: Tensor, out: Tensor, rows: int, half_split: bool) -> No
     torch.bitwise_right_shift(blocks, 4, out=high)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """y = x @ W.T + bias with W[n, k] = (code - 8) * scale[g, n] + zero[g, n], g = k // group_size.
 
-    `codes` int [out, in] in 0..15 and `scales_and_zeros` [in / group_size, out, 2] are packed for the device
-    they are on, in that device's kernel layout; the module then runs on that device type only."""
+    `codes` [out, in] in 0..15 (any integer dtype) and `scales_and_zeros` [in / group_size, out, 2] are packed for
+    the device they are on, in that device's kernel layout; the module then runs on that device type only."""
 
-    def __init__(self, codes: Tensor, scales_and_zeros: Tensor, group_size: int, bias: Tensor | None):
-        super().__init__()
+    def __init__(self, codes: Tensor, scales_and_zeros: Tensor, group_size: int, bias: Tensor | None,
+                 activation_dtype: torch.dtype | None = None):
+        super().__init__(bias, activation_dtype)
         self.out_features, self.in_features = codes.shape
         self.group_size = group_size
         self.block_rows, self.half_split = _cpu_block_layout()
         if codes.device.type == "cuda":
-            pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # CUDA wants even columns in the high nibble
+            codes = codes.to(torch.uint8)
+            pairs = codes[:, ::2] << 4 | codes[:, 1::2]  # CUDA wants even columns in the high nibble
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
             scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        else:  # whole blocks of rows pack independently: a slice at a time keeps the int32 scratch small
+            packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
+            for start in range(0, self.out_features, QUANTIZE_ROWS):
+                rows = codes[start:start + QUANTIZE_ROWS].to(torch.int32)
+                packed[start:start + rows.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
         self.register_buffer("qweight", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
-        self.bias = _as_bias(bias)
         # the dense path (prefill, fp32) reads the packed bytes back: check that read on the first and tail block
         full_end = self.out_features // self.block_rows * self.block_rows
         spans = [(0, min(self.block_rows, self.out_features)), (full_end, self.out_features)]
@@ -152,19 +216,14 @@ class Int4Linear(nn.Module):
         if x.device.type != self.qweight.device.type:
             raise RuntimeError(f"Int4Linear was packed for {self.qweight.device.type} and got input on {x.device}: "
                                "its layout is device-specific, quantize again on the target device")
-        x2 = x.reshape(-1, self.in_features)
+        return super().forward(x)
+
+    def fused(self, x: Tensor) -> Tensor:
         if x.device.type == "cuda":  # the CUDA kernel takes bf16 only
-            y = torch.ops.aten._weight_int4pack_mm(
-                x2.to(torch.bfloat16).contiguous(), self.qweight, self.group_size,
-                self.scales_and_zeros.to(torch.bfloat16)).to(x.dtype)
-        elif self.unpackable and (x.dtype == torch.float32 or x2.shape[0] >= DENSE_MIN_ROWS):
-            y = _dense_matmul(x2, self)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros.to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
+                                                      self.scales_and_zeros.to(torch.bfloat16))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
+                                                          self.scales_and_zeros.to(x.dtype))
 
 
 def int4_group_size(in_features: int, out_features: int, wanted: int, device: torch.device | str = "cpu") -> int | None:
@@ -182,46 +241,60 @@ def _nonzero(scales: Tensor) -> Tensor:
     return torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-constant row/group: any scale is exact
 
 
-def _float_copy(weight: Tensor) -> Tensor:
-    return weight.detach().to(torch.float32, copy=True)  # ours to change in place: one scratch copy, not several
+def _row_chunks(weight: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """(first row, fp32 copy of QUANTIZE_ROWS rows) over a weight: ours to change in place, one chunk at a time."""
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+        yield start, weight[start:start + QUANTIZE_ROWS].detach().to(torch.float32, copy=True)
 
 
-def _quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    w = _float_copy(weight)
-    scales = _nonzero((torch.linalg.vector_norm(w, float("inf"), dim=1) / 127).to(weight.dtype))
-    q = w.div_(scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # with the scale as stored
+def _quantize_int8(weight: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
+    for start, w in _row_chunks(weight):
+        s = _nonzero((torch.linalg.vector_norm(w, float("inf"), dim=1) / 127).to(scale_dtype))
+        q[start:start + len(w)] = w.div_(s.float()[:, None]).round_().clamp_(-127, 127)  # with the scale as stored
+        scales[start:start + len(w)] = s
     return q, scales
 
 
-def _quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+def _quantize_int4(weight: Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Asymmetric min/max per group (16 levels): clearly lower error than symmetric at the same group size."""
     out_features, in_features = weight.shape
-    dtype = torch.bfloat16 if weight.device.type == "cuda" else weight.dtype  # what Int4Linear will store
-    w = _float_copy(weight).view(out_features, in_features // group_size, group_size)
-    low, high = w.amin(dim=2), w.amax(dim=2)
-    scales = _nonzero(((high - low) / 15).to(dtype))
-    zeros = (low + 8 * scales.float()).to(dtype)  # the kernels dequantize (code - 8) * scale + zero
-    # codes that fit the scale and zero as stored
-    codes = w.sub_(zeros.float()[..., None]).div_(scales.float()[..., None]).add_(8).round_().clamp_(0, 15)
-    scales_and_zeros = torch.stack([scales, zeros], dim=2).transpose(0, 1)
-    return codes.to(torch.int32).view(out_features, in_features), scales_and_zeros
+    codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+    scales_and_zeros = torch.empty(in_features // group_size, out_features, 2, dtype=scale_dtype, device=weight.device)
+    for start, w in _row_chunks(weight):
+        rows = slice(start, start + len(w))
+        w = w.view(len(w), in_features // group_size, group_size)
+        low, high = w.amin(dim=2), w.amax(dim=2)
+        scales = _nonzero(((high - low) / 15).to(scale_dtype))
+        zeros = (low + 8 * scales.float()).to(scale_dtype)  # the kernels dequantize (code - 8) * scale + zero
+        # codes that fit the scale and zero as stored
+        w.sub_(zeros.float()[..., None]).div_(scales.float()[..., None]).add_(8).round_().clamp_(0, 15)
+        codes[rows] = w.view(len(w), in_features)
+        scales_and_zeros[:, rows] = torch.stack([scales, zeros], dim=2).transpose(0, 1)
+    return codes, scales_and_zeros
 
 
-def quantize_linear(weight: Tensor, bias: Tensor | None, precision: str, group_size: int = 128) -> nn.Module:
+def quantize_linear(weight: Tensor, bias: Tensor | None, precision: str, group_size: int = 128,
+                    activation_dtype: torch.dtype | None = None) -> nn.Module:
     """Quantize a float weight [out, in] (any float dtype, on CPU or CUDA) to "int8" or "int4".
 
     int4 groups of `group_size` input columns; when that does not divide in_features the largest smaller kernel
     group size that does is used, and a layer the int4 kernels cannot take at all (see int4_group_size) stays int8.
-    The module keeps only the quantized tensors, its scales (in weight's dtype) and the bias."""
+    The module keeps only the quantized tensors, its scales (in activation_dtype, else weight's dtype; bf16 for
+    int4 on CUDA) and the bias. Rows are quantized a chunk at a time: the float scratch stays small."""
+    scale_dtype = activation_dtype or weight.dtype
     if precision == "int8":
-        return Int8Linear(*_quantize_int8(weight), bias)
+        return Int8Linear(*_quantize_int8(weight, scale_dtype), bias, activation_dtype)
     if precision != "int4":
         raise ValueError(f"precision must be 'int8' or 'int4', got {precision!r}")
     out_features, in_features = weight.shape
     group = int4_group_size(in_features, out_features, group_size, weight.device)
     if group is None:
-        return Int8Linear(*_quantize_int8(weight), bias)
-    return Int4Linear(*_quantize_int4(weight, group), group, bias)
+        return Int8Linear(*_quantize_int8(weight, scale_dtype), bias, activation_dtype)
+    if weight.device.type == "cuda":
+        scale_dtype = torch.bfloat16  # what the CUDA kernel takes
+    return Int4Linear(*_quantize_int4(weight, group, scale_dtype), group, bias, activation_dtype)
 
 
 def unpack_official_int4(qweight: Tensor) -> Tensor:
@@ -249,13 +322,19 @@ def from_official(qweight: Tensor, weight_scale: Tensor, bits: int, bias: Tensor
         return Int8Linear(q, weight_scale, bias)
     scales = weight_scale[None, :, None].expand(in_features // group, out_features, 1)
     scales_and_zeros = torch.cat([scales, torch.zeros_like(scales)], dim=2)
-    return Int4Linear(q.to(torch.int32).add_(8), scales_and_zeros, group, bias)
+    return Int4Linear(q.add(8).to(torch.uint8), scales_and_zeros, group, bias)
+
+
+def activation_dtype_for(device: torch.device | str) -> torch.dtype | None:
+    """The activation dtype of layers quantized here: bf16 on CPU (see the module docstring), else the input's."""
+    return torch.bfloat16 if torch.device(device).type == "cpu" else None
 
 
 def quantize_model(model: nn.Module, precision: str, group_size: int = 128,
                    skip: Callable[[str], bool] | None = None) -> nn.Module:
     """Replace every nn.Linear below `model` in place by its quantized module, except those `skip(dotted_name)`
-    keeps and those whose weight is an nn.Embedding's weight (tied: quantizing would add bytes, not save them)."""
+    keeps and those whose weight is an nn.Embedding's weight (tied: quantizing would add bytes, not save them).
+    The layers take the activation dtype of the device they are on (activation_dtype_for)."""
     tied = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     done: dict[int, nn.Module] = {}  # a Linear used in two places stays one module
     for parent_name, parent in list(model.named_modules()):
@@ -264,6 +343,7 @@ def quantize_model(model: nn.Module, precision: str, group_size: int = 128,
             if not isinstance(child, nn.Linear) or any(child.weight is t for t in tied) or (skip and skip(full_name)):
                 continue
             if id(child) not in done:
-                done[id(child)] = quantize_linear(child.weight, child.bias, precision, group_size)
+                done[id(child)] = quantize_linear(child.weight, child.bias, precision, group_size,
+                                                  activation_dtype_for(child.weight.device))
             setattr(parent, name, done[id(child)])
     return model

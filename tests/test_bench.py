@@ -139,6 +139,12 @@ def test_bytes_read_per_token_skip_untied_embeddings():
     assert bench.bytes_read_per_token(v2) == tensor_bytes(v2) - embedding
     v1 = load_model(FIXTURES / "v1", "fp32")   # lm_head shares the embedding: read whole every token
     assert bench.bytes_read_per_token(v1) == tensor_bytes(v1)
+    for name, precision in (("v2", "int4"), ("v1", "int8")):   # int8 tables: the same rule
+        model = load_model(FIXTURES / name, precision)
+        table = model.get_submodule("transformer.embedding.word_embeddings" if name == "v2"
+                                    else "transformer.word_embeddings")
+        lookup_only = table.qweight.nbytes + table.scales.nbytes if name == "v2" else 0
+        assert bench.bytes_read_per_token(model) == tensor_bytes(model) - lookup_only
 
 
 def test_cli_prints_a_table_then_json(capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glm_core.checkpoint import CheckpointError, load_model, resolve_model_dir
+from glm_core.checkpoint import CheckpointError, load_model, read_safetensors, resolve_model_dir
 from glm_core.model import ChatGLM
 from conftest import FIXTURES
 
@@ -91,6 +91,26 @@ def test_truncated_shard(tmp_path):
         load_model(single.parent, "fp32")
 
 
+def test_safetensors_reader_matches_the_library_and_names_the_damage(tmp_path):
+    path = FIXTURES / "v2" / "model.safetensors"
+    ours, theirs = dict(read_safetensors(path)), load_file(path)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
+    mixed = tmp_path / "mixed.safetensors"
+    tensors = {"b": torch.arange(6, dtype=torch.int8).view(2, 3), "a": torch.tensor(1.5, dtype=torch.bfloat16),
+               "c": torch.ones(0, 4)}
+    save_file(tensors, mixed, metadata={"format": "pt"})
+    got = dict(read_safetensors(mixed))
+    assert all(got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v) for k, v in tensors.items())
+    damaged = tmp_path / "damaged.safetensors"
+    for data, message in [(b"\x10\x00", "not a safetensors file"), (b"\xff" * 16, "not a safetensors file"),
+                          ((20).to_bytes(8, "little") + b"{not json...........", "corrupt safetensors header"),
+                          (mixed.read_bytes()[:-3], "is truncated: tensor b ends at byte")]:
+        damaged.write_bytes(data)
+        with pytest.raises(CheckpointError, match=message):
+            list(read_safetensors(damaged))
+
+
 def test_missing_shard(tmp_path):
     d = bin_only(tmp_path)
     (d / V2_SHARDS[3]).unlink()
@@ -152,8 +172,9 @@ def golden_logits(ver: str, seq: str) -> np.ndarray:
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prequantized_matches_official(bits):
     ver = f"v2_int{bits}"
-    # fp32 around the quantized linears: the goldens ran the official CPU recipe, model.float()
-    model = load_model(FIXTURES / ver, f"int{bits}", dtype=torch.float32)
+    # fp32 around the quantized linears by default on CPU: the goldens ran the official CPU recipe, model.float()
+    model = load_model(FIXTURES / ver, f"int{bits}")
+    assert model.dtype == torch.float32 and type(model.transformer.output_layer) is torch.nn.Linear
     golden = json.loads((FIXTURES / "golden" / f"{ver}_model.json").read_text(encoding="utf-8"))
     arrays = np.load(FIXTURES / "golden" / f"{ver}_logits.npz")
 
@@ -172,8 +193,6 @@ def test_prequantized_matches_official(bits):
             generated.append(int(logits.argmax()))
             logits = model.decode_one_token(generated[-1])
         assert generated == chat["generated_ids"], chat["name"]
-    bf16 = load_model(FIXTURES / ver, f"int{bits}")
-    assert bf16.transformer.output_layer.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -182,15 +201,32 @@ def test_quantize_while_loading(precision, tmp_path):
     model = load_model(split_safetensors(tmp_path), precision)   # each qkv bias comes a shard after its weight
     for name in model.quantizable:
         assert not isinstance(model.get_submodule(name), torch.nn.Linear), name
+    assert isinstance(model.transformer.output_layer, quant.Int8Linear)   # int8 at both precisions
     state = load_file(FIXTURES / "v2" / "model.safetensors")
-    weight, bias = (state[f"{QKV0}.{part}"].to(torch.bfloat16) for part in ("weight", "bias"))
-    expected = quant.quantize_linear(weight, bias, precision)
-    x = torch.randn(3, weight.shape[1], dtype=torch.bfloat16)
+    assert model.dtype == torch.float32
+    table, embedding = model.transformer.embedding.word_embeddings, state["transformer.embedding.word_embeddings.weight"]
+    assert isinstance(table, quant.Int8Embedding) and table.qweight.dtype == torch.int8
+    ids = torch.tensor([0, 5, 1504])
+    torch.testing.assert_close(table(ids), embedding[ids].float(), atol=table.scales.float().max() / 2, rtol=0)
+    weight, bias = state[f"{QKV0}.weight"], state[f"{QKV0}.bias"].float()
+    expected = quant.quantize_linear(weight, bias, precision, activation_dtype=torch.bfloat16)
+    x = torch.randn(3, weight.shape[1])
     assert torch.equal(model.get_submodule(QKV0)(x), expected(x))
     ids = json.loads((FIXTURES / "golden" / "v2_model.json").read_text(encoding="utf-8"))["sequences"]["s2_len40"]
     ref = torch.from_numpy(golden_logits("v2", "s2_len40"))
     # mean |diff| / std measured 0.024 (int8) and 0.27 (int4); the official int8/int4 checkpoints give 0.019 / 0.32
     assert (model.logits(ids) - ref).abs().mean() / ref.std() < {"int8": 0.04, "int4": 0.35}[precision]
+
+
+def test_quantized_v1_shares_its_int8_table_with_the_output_layer():
+    from glm_core import quant
+    model = load_model(FIXTURES / "v1", "int4")
+    table, head = model.transformer.word_embeddings, model.lm_head
+    assert isinstance(table, quant.Int8Embedding) and isinstance(head, quant.Int8Linear)
+    assert head.qweight is table.qweight and head.scales is table.scales
+    ids = json.loads((FIXTURES / "golden" / "v1_model.json").read_text(encoding="utf-8"))["sequences"]["s2_len40"]
+    ref = torch.from_numpy(golden_logits("v1", "s2_len40"))
+    assert (model.logits(ids) - ref).abs().mean() / ref.std() < 0.35
 
 
 @pytest.mark.parametrize("key, value", [("rmsnorm", False), ("post_layer_norm", False), ("add_bias_linear", True),

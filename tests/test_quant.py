@@ -128,6 +128,43 @@ def test_int4_quantization_and_both_products():
     assert torch.equal(module.float()(x), x.mm(deq.contiguous().t()))  # W [out, in] as the official code holds it
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_bf16_activations_round_only_the_input(precision):
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(96, 256, generator=g), torch.randn(96, generator=g)
+    module = quant.quantize_linear(w, b, precision, 64, activation_dtype=torch.bfloat16)
+    assert {module.bias.dtype, (module.scales if precision == "int8" else module.scales_and_zeros).dtype} == {
+        torch.float32, torch.bfloat16}  # scales in the kernels' dtype, the bias as given
+    for rows in (1, quant.DENSE_MIN_ROWS):  # fused kernel (decode) and dequantize + fp32 GEMM (prefill)
+        x = torch.randn(rows, 256, generator=g)
+        out = module(x)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, module(x.bfloat16().float()))
+        ref = x.bfloat16().float().mm(module.dequantize().t()) + b
+        torch.testing.assert_close(out, ref, atol=0.05, rtol=0.01)  # the fused kernel rounds its output to bf16
+
+
+def test_prefill_gemm_in_bf16_where_native_else_fp32(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    module = quant.quantize_linear(torch.randn(96, 256, generator=g), None, "int4", 64, activation_dtype=torch.bfloat16)
+    x = torch.randn(quant.DENSE_MIN_ROWS, 256, generator=g)
+    ref = x.bfloat16().float().mm(module.dequantize().t())
+    for slow in (True, False):   # AVX2 (fp32 GEMM), or a CPU with native bf16 (bf16 GEMM, bf16 output)
+        monkeypatch.setattr(quant, "slow_half_gemm", lambda dtype: slow)
+        out = module(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, atol=1e-4 if slow else 0.1, rtol=0 if slow else 0.01)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantizing_in_row_slices_changes_nothing(precision, monkeypatch):
+    w = torch.randn(320, 128, generator=torch.Generator().manual_seed(6)).half()
+    whole = quant.quantize_linear(w, None, precision, 32, activation_dtype=torch.bfloat16)
+    monkeypatch.setattr(quant, "QUANTIZE_ROWS", 64)   # five slices, and five int4 packing calls
+    sliced = quant.quantize_linear(w, None, precision, 32, activation_dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), sliced.state_dict().values()))
+
+
 def test_int4_is_better_than_per_channel_and_group_size_helps():
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(4))
     errors = [(quant.quantize_linear(w, None, "int4", g).dequantize() - w).norm() / w.norm() for g in (256, 128, 32)]
