@@ -1,9 +1,8 @@
 """Load an official ChatGLM checkpoint (v1, v2, v3; fp16 or pre-quantized int4/int8) into the native model.
 
-The model is built on the meta device and filled one tensor at a time: safetensors shards are read with
-plain reads, a tensor at a time (a memory map would keep every page read so far resident until the shard
-closes), each tensor is copied to the target dtype and device, and the fp16 state dict is never whole in
-memory. For int8/int4 from full-precision weights, each block linear is quantized (a slice of rows at a time)
+The model is built on the meta device and filled one tensor at a time: safetensors shards are mapped and each
+tensor's pages are dropped once it has been copied to the target dtype and device (read_safetensors), so the
+fp16 state dict is never whole in memory, nor is a shard. For int8/int4 from full-precision weights, each block linear is quantized (a slice of rows at a time)
 as soon as its weight and bias have been read, and freed memory goes back to the OS at once. The output layer
 and the embedding table become int8 at both precisions: they are the largest matrices, int8 halves them, and
 it keeps the logits closer than int4 would (llama.cpp's quantization mixes do the same). Quantized models
@@ -14,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import mmap
 import pickle
 import struct
 from pathlib import Path
@@ -86,45 +86,59 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor) pairs of a .safetensors file in file order, each tensor read into memory of its own."""
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensor entries of a .safetensors header, and the byte offset where tensor data starts."""
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
-        file_size = path.stat().st_size
-        (header_size,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
-        if not 2 <= header_size <= file_size - 8:
-            raise CheckpointError(f"{path} is not a safetensors file (header of {header_size} bytes, file of {file_size})")
+        (size,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if not 2 <= size <= file_size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file (header of {size} bytes, file of {file_size})")
         try:
-            header = json.loads(f.read(header_size))
+            header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
-        header.pop("__metadata__", None)
-        base = 8 + header_size
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which ChatGLM never stores")
-            if base + end > file_size:
-                raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {base + end}, "
-                                      f"the file has {file_size}")
-            data = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(base + begin)
-            f.readinto(memoryview(data.numpy()))
-            yield name, data.view(dtype).reshape(info["shape"])
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs of a .safetensors file in file order, as views of a memory map (no copy). Once the
+    caller moves on to the next tensor the previous one's pages are dropped from this process (the page cache
+    keeps them; a view still in use reads them back): resident memory holds about one tensor of the shard, not
+    every page read so far, which a plain memory map would keep until the shard closes."""
+    header, base = safetensors_header(path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # copy-on-write: writable views, file untouched
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which ChatGLM never stores")
+        if base + end > file_size:
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {base + end}, "
+                                  f"the file has {file_size}")
+        if end == begin:
+            yield name, torch.empty(info["shape"], dtype=dtype)
+            continue
+        data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=base + begin)
+        yield name, data.view(dtype).reshape(info["shape"])
+        if hasattr(mapped, "madvise"):   # not on Windows
+            first_page = (base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, first_page, base + end - first_page)
 
 
 def largest_tensor_bytes(path: Path) -> int:
-    """Bytes of the largest tensor of a safetensors shard, from its header (0 for other formats or a bad header:
-    reading the shard reports those)."""
+    """Bytes of the largest tensor of a safetensors shard (0 for other formats or a bad header: reading the
+    shard reports those)."""
     if path.suffix != ".safetensors":
         return 0
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(min(size, path.stat().st_size)))
-        return max(end - begin for key, (begin, end) in
-                   ((k, v["data_offsets"]) for k, v in header.items() if k != "__metadata__"))
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        header, _ = safetensors_header(path)
+        return max((end - begin for begin, end in (info["data_offsets"] for info in header.values())), default=0)
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
         return 0
 
 

@@ -16,7 +16,7 @@ class KnownModel:
     source: str                 # Hub id, or a path for the embedded model
     family: str                 # chatglm1 | chatglm2 | chatglm3 | transformers
     block_params_b: float       # billions of parameters in the quantizable block linears
-    other_params_b: float       # embeddings, output layer, norms: kept in 16 bit when quantized
+    other_params_b: float       # embeddings, output layer, norms
     context: int
     stored_bits: int = 16       # 4 / 8 for pre-quantized checkpoints: nothing above that can be had
     note: str = ""
@@ -25,7 +25,10 @@ class KnownModel:
         """Resident weight memory at a precision (GB, 1e9 bytes), scales and group zeros included."""
         if precision in ("int8", "int4"):
             per = BYTES_PER_PARAM[precision] * (1.03 if precision == "int4" else 1.0)
-            return self.block_params_b * per + self.other_params_b * 2.0
+            # ChatGLM quantized while loading: int8 embedding and output layer; an official int checkpoint or a
+            # transformers model keeps them in the compute dtype, fp32 on CPU
+            other = 1.0 if self.family.startswith("chatglm") and self.stored_bits == 16 else 4.0
+            return self.block_params_b * per + self.other_params_b * other
         return (self.block_params_b + self.other_params_b) * BYTES_PER_PARAM[precision]
 
     def precisions(self) -> dict[str, str]:

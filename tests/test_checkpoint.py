@@ -111,6 +111,20 @@ def test_safetensors_reader_matches_the_library_and_names_the_damage(tmp_path):
             list(read_safetensors(damaged))
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from Linux's /proc")
+def test_safetensors_reader_keeps_one_tensor_resident(tmp_path):
+    def rss_file_mib() -> float:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+    path = tmp_path / "big.safetensors"
+    save_file({f"t{i}": torch.full((2 << 20,), float(i)) for i in range(12)}, path)   # 12 tensors of 8 MiB
+    before, seen = rss_file_mib(), []
+    for name, tensor in read_safetensors(path):
+        assert tensor.sum().item() == int(name[1:]) * (2 << 20)   # touches every page of this tensor
+        seen.append(rss_file_mib() - before)
+    assert len(seen) == 12 and max(seen) < 3 * 8   # a plain memory map would reach 96 MiB
+
+
 def test_missing_shard(tmp_path):
     d = bin_only(tmp_path)
     (d / V2_SHARDS[3]).unlink()
