@@ -25,18 +25,19 @@ def is_chatglm_dir(path: Path) -> bool:
 
 
 def load(path_or_name: str, precision: str = "bf16", device: str = "cpu",
-         progress: Progress | None = None) -> Engine:
-    """Load a registry name, a local directory, a .gguf file or a Hub id at a precision on a device."""
+         progress: Progress | None = None, exact: bool = False) -> Engine:
+    """Load a registry name, a local directory, a .gguf file or a Hub id at a precision on a device.
+    exact: int8/int4 layers take unrounded inputs, the official arithmetic (slow on CPU: for checking)."""
     if precision not in PRECISIONS:
         raise ModelLoadError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if device.split(":")[0] not in DEVICES:
         raise ModelLoadError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     known = MODELS.get(path_or_name)
     if known is not None and known.family.startswith("chatglm"):
-        return load_glm(path_or_name, known.source, precision, device, progress)
+        return load_glm(path_or_name, known.source, precision, device, progress, exact)
     path = Path(path_or_name).expanduser()
     if path.is_dir() and is_chatglm_dir(path):
-        return load_glm(path_or_name, str(path), precision, device, progress)
+        return load_glm(path_or_name, str(path), precision, device, progress, exact)
     if not path.exists() and "chatglm" in path_or_name.lower():
-        return load_glm(path_or_name, path_or_name, precision, device, progress)   # a ChatGLM Hub id
-    return load_transformers(path_or_name, precision, device, progress)
+        return load_glm(path_or_name, path_or_name, precision, device, progress, exact)   # a ChatGLM Hub id
+    return load_transformers(path_or_name, precision, device, progress, exact)

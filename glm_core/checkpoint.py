@@ -171,16 +171,12 @@ def read_shard(path: Path) -> Iterator[tuple[str, Tensor]]:
         raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {e}") from e
 
 
-def compute_dtype(precision: str, device: str, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of activations and of every tensor but the quantized linears and the embedding table. int8/int4
-    default to fp32 on CPU (their linears take bf16 inputs, see quant) and fp16 elsewhere; fp32 also reproduces
-    the official CPU recipe (`model.float()`)."""
+def compute_dtype(precision: str, device: str) -> torch.dtype:
+    """The dtype of activations and of every tensor but the quantized layers. int8/int4 compute in fp32 on CPU
+    (their linears take bf16 inputs, see quant; fp32 is also the official CPU recipe, `model.float()`) and in
+    fp16 elsewhere."""
     if precision in FLOAT_DTYPES:
-        if dtype not in (None, FLOAT_DTYPES[precision]):
-            raise CheckpointError(f"dtype {dtype} contradicts precision {precision}; dtype is for int8/int4 only")
         return FLOAT_DTYPES[precision]
-    if dtype is not None:
-        return dtype
     return torch.float32 if device == "cpu" else torch.float16
 
 
@@ -206,16 +202,16 @@ def quantized_shapes(linear: nn.Linear, stored_bits: int) -> dict[str, tuple[int
 
 
 def quantized_linear(parts: dict[str, Tensor], stored_bits: int, precision: str, dtype: torch.dtype,
-                     device: str) -> nn.Module:
-    """One linear from its stored parts. Official quantized layers keep the official arithmetic in the compute
-    dtype; others are quantized on the target device (the int4 packing is per device) for its kernels."""
+                     device: str, exact: bool) -> nn.Module:
+    """One linear from its stored parts: an official quantized layer as stored, or quantized here on the target
+    device (the int4 packing is per device); `exact` keeps inputs in the compute dtype (see load_model)."""
     bias = parts.get("bias")
     bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    activation = None if exact else quant.activation_dtype_for(device)
     if stored_bits:
-        return quant.from_official(parts["weight"].to(device), parts["weight_scale"].to(device), stored_bits,
-                                   bias).to(dtype)
-    return quant.quantize_linear(parts["weight"].to(device), bias, precision,
-                                 activation_dtype=quant.activation_dtype_for(device))
+        scale = parts["weight_scale"].to(device=device, dtype=activation or dtype)
+        return quant.from_official(parts["weight"].to(device), scale, stored_bits, bias, activation)
+    return quant.quantize_linear(parts["weight"].to(device), bias, precision, activation_dtype=activation)
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
@@ -236,9 +232,12 @@ def put(model: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
 
 
 def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cpu",
-               progress: Progress | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Build ChatGLM (v2/v3) or ChatGLMv1 from a directory or Hub id at a precision: fp32 bf16 fp16 int8 int4.
-    progress(shards_done, shards_total, filename) runs after each shard; dtype: see compute_dtype."""
+               progress: Progress | None = None, exact: bool = False) -> nn.Module:
+    """Build ChatGLM (v2/v3) or ChatGLMv1 from a directory or Hub id at a precision: fp32 bf16 fp16 int8 int4,
+    computing in compute_dtype. progress(shards_done, shards_total, filename) runs after each shard.
+    `exact`: quantized linears take their inputs in the compute dtype as the official code does (its CPU outputs
+    op for op, from a pre-quantized checkpoint) instead of rounded to bf16 for the fast kernels (see quant). It is
+    for checking: decode gets about 100x slower on CPU."""
     if precision not in PRECISIONS:
         raise CheckpointError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     model_dir = resolve_model_dir(model_dir)
@@ -249,7 +248,7 @@ def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cp
                               f"{stored_bits}); it can be loaded as int{stored_bits} only, not {precision}")
     # the shard with the largest matrix (the output layer) first, while little else is resident
     shards = sorted(shard_files(model_dir), key=largest_tensor_bytes, reverse=True)
-    dtype = compute_dtype(precision, device, dtype)
+    dtype = compute_dtype(precision, device)
     model = build_model(config, dtype)
     tied = tied_names(model)
     params = {name: param for name, param in model.named_parameters(remove_duplicate=False) if name not in tied}
@@ -283,7 +282,7 @@ def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cp
                 parts[leaf] = tensor
                 if parts.keys() == shapes.keys():
                     put(model, module_name, quantized_linear(pending.pop(module_name), stored_bits,
-                                                             quantized[module_name], dtype, device))
+                                                             quantized[module_name], dtype, device, exact))
                     del parts, tensor
                     release_freed_memory()
             elif name in params:
@@ -303,7 +302,7 @@ def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cp
     for alias, owner in tied.items():
         table = model.get_submodule(owner.rpartition(".")[0])
         if isinstance(table, quant.Int8Embedding):   # ChatGLM-6B's output layer is its embedding table
-            put(model, alias.rpartition(".")[0], table.as_linear(quant.activation_dtype_for(device)))
+            put(model, alias.rpartition(".")[0], table.as_linear(None if exact else quant.activation_dtype_for(device)))
         else:
             put(model, alias, model.get_parameter(owner))
     missing = [f"{module}.{leaf}" for module, parts in pending.items()

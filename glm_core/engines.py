@@ -119,7 +119,7 @@ GLM_DEFAULTS = {
 
 
 def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu",
-             progress: Progress | None = None) -> Engine:
+             progress: Progress | None = None, exact: bool = False) -> Engine:
     from .checkpoint import load_model, resolve_model_dir
     from .config import load_config
     from .templates import clean_response, prompt_ids
@@ -127,7 +127,7 @@ def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu
     model_dir = resolve_model_dir(source)
     config = load_config(model_dir)
     tok = load_tokenizer(model_dir, config.version)
-    model = load_model(model_dir, precision=precision, device=device, progress=progress)
+    model = load_model(model_dir, precision=precision, device=device, progress=progress, exact=exact)
     return Engine(
         name=name, family=f"chatglm{config.version}", precision=precision, device=device, model=model,
         encode=tok.encode, decode=tok.decode,
@@ -205,7 +205,7 @@ def resolve_transformers_source(name: str) -> tuple[str, dict]:
 
 
 def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
-                      progress: Progress | None = None) -> Engine:
+                      progress: Progress | None = None, exact: bool = False) -> Engine:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -217,7 +217,7 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
         if progress:
             progress(1, 2, "weights")
         from .checkpoint import compute_dtype
-        dtype = compute_dtype(precision, device, None)
+        dtype = compute_dtype(precision, device)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -229,7 +229,7 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
     if precision in ("int8", "int4"):
         from .quant import quantize_model
         # Groups of 32, as the GGUF blocks the embedded model comes from: coarser groups re-round it (top-1 67% vs 97%).
-        quantize_model(hf, precision, group_size=32, skip=lambda n: n == "lm_head")
+        quantize_model(hf, precision, group_size=32, skip=lambda n: n == "lm_head", exact=exact)
     if progress:
         progress(2, 2, "ready")
 

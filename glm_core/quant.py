@@ -7,9 +7,10 @@ The official ChatGLM INT4 format (per-channel symmetric, values -7..7) is the sp
 the channel scale repeated over every group, so its dequantized weights are exactly `float(scale) * q`.
 
 `activation_dtype` is what a layer rounds its input to before the product (None: the input's own dtype).
-Layers quantized here on CPU take bf16, the only dtype torch's CPU kernels are fast in (fp32 input runs them
-8-100x slower), while the model around them keeps fp32: only the product's input is rounded, and sums are fp32.
-Official checkpoints keep None: fp32 input then gives the official CPU arithmetic op for op.
+On CPU quantized layers take bf16, the only dtype torch's CPU kernels are fast in (fp32 input runs them 8-100x
+slower: one 27392 x 4096 official int4 layer, one row, 911 ms in fp32 against 9.4 ms in bf16), while the
+model around them keeps fp32: only the product's input is rounded, and sums are fp32. With None, fp32 input
+gives the official CPU arithmetic op for op (checkpoint.load_model's `exact`).
 
 Which product runs on CPU: fewer than DENSE_MIN_ROWS rows in bf16/fp16 (decode) take the fused kernel; more
 rows (prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a
@@ -305,24 +306,26 @@ def unpack_official_int4(qweight: Tensor) -> Tensor:
     return torch.stack([high, low], dim=2).view(qweight.shape[0], -1)
 
 
-def from_official(qweight: Tensor, weight_scale: Tensor, bits: int, bias: Tensor | None) -> nn.Module:
+def from_official(qweight: Tensor, weight_scale: Tensor, bits: int, bias: Tensor | None,
+                  activation_dtype: torch.dtype | None = None) -> nn.Module:
     """An official ChatGLM quantized linear: int8 [out, in] or packed int4 [out, in/2] with one scale per row.
 
     int8 keeps the tensors as they are. int4 becomes torch's group format with the row scale repeated over
     groups of the largest size dividing in_features and zero 0, so dequantized weights equal float(scale) * q
-    exactly; a shape the int4 kernels cannot take becomes Int8Linear of the same values (exact, twice the bytes)."""
+    exactly; a shape the int4 kernels cannot take becomes Int8Linear of the same values (exact, twice the bytes).
+    Scales stay in weight_scale's dtype: give them in the activation dtype for the fused kernels."""
     if bits == 8:
-        return Int8Linear(qweight, weight_scale, bias)
+        return Int8Linear(qweight, weight_scale, bias, activation_dtype)
     if bits != 4:
         raise ValueError(f"official ChatGLM checkpoints are 4 or 8 bit, got {bits}")
     q = unpack_official_int4(qweight)
     out_features, in_features = q.shape
     group = int4_group_size(in_features, out_features, INT4_GROUP_SIZES[0], q.device)
     if group is None:
-        return Int8Linear(q, weight_scale, bias)
+        return Int8Linear(q, weight_scale, bias, activation_dtype)
     scales = weight_scale[None, :, None].expand(in_features // group, out_features, 1)
     scales_and_zeros = torch.cat([scales, torch.zeros_like(scales)], dim=2)
-    return Int4Linear(q.add(8).to(torch.uint8), scales_and_zeros, group, bias)
+    return Int4Linear(q.add(8).to(torch.uint8), scales_and_zeros, group, bias, activation_dtype)
 
 
 def activation_dtype_for(device: torch.device | str) -> torch.dtype | None:
@@ -331,10 +334,11 @@ def activation_dtype_for(device: torch.device | str) -> torch.dtype | None:
 
 
 def quantize_model(model: nn.Module, precision: str, group_size: int = 128,
-                   skip: Callable[[str], bool] | None = None) -> nn.Module:
+                   skip: Callable[[str], bool] | None = None, exact: bool = False) -> nn.Module:
     """Replace every nn.Linear below `model` in place by its quantized module, except those `skip(dotted_name)`
     keeps and those whose weight is an nn.Embedding's weight (tied: quantizing would add bytes, not save them).
-    The layers take the activation dtype of the device they are on (activation_dtype_for)."""
+    The layers take the activation dtype of the device they are on (activation_dtype_for), or with `exact` their
+    inputs as they come."""
     tied = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     done: dict[int, nn.Module] = {}  # a Linear used in two places stays one module
     for parent_name, parent in list(model.named_modules()):
@@ -343,7 +347,7 @@ def quantize_model(model: nn.Module, precision: str, group_size: int = 128,
             if not isinstance(child, nn.Linear) or any(child.weight is t for t in tied) or (skip and skip(full_name)):
                 continue
             if id(child) not in done:
-                done[id(child)] = quantize_linear(child.weight, child.bias, precision, group_size,
-                                                  activation_dtype_for(child.weight.device))
+                activation = None if exact else activation_dtype_for(child.weight.device)
+                done[id(child)] = quantize_linear(child.weight, child.bias, precision, group_size, activation)
             setattr(parent, name, done[id(child)])
     return model

@@ -186,8 +186,8 @@ def golden_logits(ver: str, seq: str) -> np.ndarray:
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prequantized_matches_official(bits):
     ver = f"v2_int{bits}"
-    # fp32 around the quantized linears by default on CPU: the goldens ran the official CPU recipe, model.float()
-    model = load_model(FIXTURES / ver, f"int{bits}")
+    # the goldens ran the official CPU recipe, model.float(): exact keeps the quantized linears' inputs in fp32
+    model = load_model(FIXTURES / ver, f"int{bits}", exact=True)
     assert model.dtype == torch.float32 and type(model.transformer.output_layer) is torch.nn.Linear
     golden = json.loads((FIXTURES / "golden" / f"{ver}_model.json").read_text(encoding="utf-8"))
     arrays = np.load(FIXTURES / "golden" / f"{ver}_logits.npz")
