@@ -2,11 +2,11 @@
 
 The model is built on the meta device and filled one tensor at a time: safetensors shards are mapped and each
 tensor's pages are dropped once it has been copied to the target dtype and device (read_safetensors), so the
-fp16 state dict is never whole in memory, nor is a shard. For int8/int4 from full-precision weights, each block linear is quantized (a slice of rows at a time)
-as soon as its weight and bias have been read, and freed memory goes back to the OS at once. The output layer
-and the embedding table become int8 at both precisions: they are the largest matrices, int8 halves them, and
-it keeps the logits closer than int4 would (llama.cpp's quantization mixes do the same). Quantized models
-compute in fp32 on CPU (their linears round inputs to bf16, see quant).
+fp16 state dict is never whole in memory, nor is a shard. For int8/int4 from full-precision weights, each block
+linear is quantized (a slice of rows at a time) as soon as its weight and bias have been read, and freed memory
+goes back to the OS at once. The output layer and the embedding table become int8 at both precisions: they are
+the largest matrices, int8 halves them, and it keeps the logits closer than int4 would (llama.cpp's quantization
+mixes do the same). Quantized models compute in fp32 on CPU (their linears round inputs to bf16, see quant).
 """
 from __future__ import annotations
 

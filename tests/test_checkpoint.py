@@ -101,7 +101,8 @@ def test_safetensors_reader_matches_the_library_and_names_the_damage(tmp_path):
                "c": torch.ones(0, 4)}
     save_file(tensors, mixed, metadata={"format": "pt"})
     got = dict(read_safetensors(mixed))
-    assert all(got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v) for k, v in tensors.items())
+    assert all(got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v)
+               for k, v in tensors.items())
     damaged = tmp_path / "damaged.safetensors"
     for data, message in [(b"\x10\x00", "not a safetensors file"), (b"\xff" * 16, "not a safetensors file"),
                           ((20).to_bytes(8, "little") + b"{not json...........", "corrupt safetensors header"),
@@ -218,7 +219,8 @@ def test_quantize_while_loading(precision, tmp_path):
     assert isinstance(model.transformer.output_layer, quant.Int8Linear)   # int8 at both precisions
     state = load_file(FIXTURES / "v2" / "model.safetensors")
     assert model.dtype == torch.float32
-    table, embedding = model.transformer.embedding.word_embeddings, state["transformer.embedding.word_embeddings.weight"]
+    table = model.transformer.embedding.word_embeddings
+    embedding = state["transformer.embedding.word_embeddings.weight"]
     assert isinstance(table, quant.Int8Embedding) and table.qweight.dtype == torch.int8
     ids = torch.tensor([0, 5, 1504])
     torch.testing.assert_close(table(ids), embedding[ids].float(), atol=table.scales.float().max() / 2, rtol=0)
