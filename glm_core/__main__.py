@@ -7,14 +7,15 @@ import sys
 import threading
 
 from . import GenerationParams, ModelLoadError, PromptTooLongError, ReplyStats, load
-from .registry import PRECISIONS
+from .registry import PRECISIONS, default_precision
 
 
 def chat(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, label: str) -> None:
         print(f"\rloading {args.model}: {done}/{total} {label}".ljust(70), end="", file=sys.stderr, flush=True)
     try:
-        engine = load(args.model, precision=args.precision, device=args.device, progress=progress)
+        precision = args.precision or default_precision(args.model)
+        engine = load(args.model, precision=precision, device=args.device, progress=progress)
     except (ModelLoadError, ValueError, OSError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("chat", help="chat in the terminal")
     c.add_argument("model", help="registry name (chatglm2-6b, ...), local directory, .gguf file or Hub id")
-    c.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    c.add_argument("--precision", choices=PRECISIONS,
+                   help="default: as stored for INT8/INT4 checkpoints, fp32 for the embedded model, else bf16")
     c.add_argument("--device", default="cpu")
     c.add_argument("--system", default="", help="system prompt")
     c.add_argument("--max-new-tokens", type=int)

