@@ -87,8 +87,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         xa = x2 if self.activation_dtype is None else x2.to(self.activation_dtype)
-        fused = xa.dtype != torch.float32 and x2.shape[0] < DENSE_MIN_ROWS
-        if x.device.type == "cuda" or fused or not self.unpackable:
+        decode = x.device.type == "cpu" and xa.dtype != torch.float32 and x2.shape[0] < DENSE_MIN_ROWS
+        if decode or not self.unpackable:   # CUDA int4 is never unpackable: it always takes the kernel
             y = self.fused(xa.contiguous())
         else:
             y = _dense_matmul(xa, self)
@@ -113,8 +113,6 @@ class Int8Linear(QuantizedLinear):
         return self.qweight[rows] * self.scales[rows, None].to(dtype)  # one pass: int8 * float promotes to float
 
     def fused(self, x: Tensor) -> Tensor:
-        if x.device.type == "cuda":
-            return _dense_matmul(x, self)
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
 
 
