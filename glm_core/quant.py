@@ -21,6 +21,20 @@ slower than that for one row and 600x for 512.
 
 Scales and zeros are kept in the activation dtype (else the input's), so the kernels take them as they are;
 they follow `module.to(dtype)` like the bias, so cast a model before quantizing it, not after.
+
+Where the fused CPU kernels are correct (torch 2.13). Found by a sweep of every (kernel, input dtype, rows M,
+out_features N, in_features K) over M in 1..128, N in 1..200, K in 1..4104 with odd values (not multiples of
+8/16/32/64), each case in a child process so a crash is a result, against x @ dequantized(W).T in float64, on the
+AVX-512 path and on the AVX2 path (ATEN_CPU_CAPABILITY=avx2 on the same AVX-512 Zen 4); tests/test_quant.py keeps
+sweeping the modules' products under both paths:
+- `_weight_int8pack_mm`, bf16 input: correct only when K is a multiple of 16 (AVX-512 path) or 8 (AVX2 path);
+  any other K crashes the process (SIGSEGV, e.g. M=2 N=96 K=200) or returns inf / wrong values (M=1 N=64 K=100).
+  fp16 and fp32 input, and the scalar path (ATEN_CPU_CAPABILITY=default): correct for every K. M and N: any.
+  So Int8Linear pads its weight with zero columns to a multiple of INT8_KERNEL_K_MULTIPLE (16, both paths) when
+  it is built, and the fused product pads its input the same way: zeros add nothing to the sums.
+- `_weight_int4pack_mm_for_cpu`: correct for every M and N and each input dtype on both paths whenever
+  `_convert_weight_to_int4pack_for_cpu` accepts the weight (N a multiple of 16; it raises otherwise) and K is a
+  multiple of the group size (32, 64, 128 or 256). int4_group_size sends every other shape to Int8Linear.
 """
 from __future__ import annotations
 
@@ -28,11 +42,13 @@ import functools
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # the group sizes the int4 kernels accept, largest first
 DENSE_MIN_ROWS = 128                    # CPU: from this many rows on, dequantize + fp32 GEMM beats the fused kernels
 DENSE_CHUNK_ELEMENTS = 4 << 20          # weights dequantized at a time (16 MB in fp32): bounded scratch, in cache
+INT8_KERNEL_K_MULTIPLE = 16            # _weight_int8pack_mm with bf16 input needs K % 16 (AVX-512), % 8 (AVX2)
 QUANTIZE_ROWS = 256                     # rows quantized at a time: 4 MB of fp32 scratch stays in cache (2x faster than
                                         # 2048 rows on a 2-core EPYC); whole int4 CPU blocks
 
@@ -105,14 +121,22 @@ class Int8Linear(QuantizedLinear):
                  activation_dtype: torch.dtype | None = None):
         super().__init__(bias, activation_dtype)
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        qweight = qweight.to(torch.int8)
+        # K the fused CPU kernel can take (see the module docstring): zero columns, decided here once
+        self.kernel_pad = -self.in_features % INT8_KERNEL_K_MULTIPLE if qweight.device.type == "cpu" else 0
+        if self.kernel_pad:
+            qweight = F.pad(qweight, (0, self.kernel_pad))
+        self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
         rows = slice(start, self.out_features if stop is None else stop)
-        return self.qweight[rows] * self.scales[rows, None].to(dtype)  # one pass: int8 * float promotes to float
+        q = self.qweight[rows, :self.in_features]
+        return q * self.scales[rows, None].to(dtype)  # one pass: int8 * float promotes to float
 
     def fused(self, x: Tensor) -> Tensor:
+        if self.kernel_pad:
+            x = F.pad(x, (0, self.kernel_pad))
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
 
 
@@ -132,7 +156,8 @@ class Int8Embedding(nn.Module):
         return self.qweight[ids].float() * self.scales[ids, None].float()
 
     def as_linear(self, activation_dtype: torch.dtype | None) -> Int8Linear:
-        """The same table as an output layer (tied weights), sharing its tensors: no bytes added."""
+        """The same table as an output layer (tied weights), sharing its tensors: no bytes added (unless the width
+        needs the fused kernel's padding, see Int8Linear)."""
         return Int8Linear(self.qweight, self.scales, None, activation_dtype)
 
 

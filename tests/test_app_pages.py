@@ -164,6 +164,15 @@ def test_export_json_round_trips_through_import(store):
     at = app("app_pages/chat.py", visitor="visitor-f", new_chat_params=GREEDY)
     send(at, "Count to three.")
     exported = store.export_conversations(owner="visitor-f")
-    assert json.loads(json.dumps(exported)) == exported
+    assert len(exported["conversations"]) == 1 and len(exported["conversations"][0]["messages"]) == 2
     labels = [b.label for b in at.get("download_button")] if at.get("download_button") else []
     assert {"Export Markdown", "Export JSON"} <= set(labels)
+    # import the JSON text into another visitor's history: the same conversation comes back, message for message
+    ids = store.import_conversations(json.dumps(exported), "visitor-f2")
+    again = store.export_conversations(owner="visitor-f2")
+    assert [c["id"] for c in again["conversations"]] == ids
+    assert ids[0] != exported["conversations"][0]["id"]   # same database: the copy gets a fresh id
+
+    def without_id(conversation: dict) -> dict:
+        return {k: v for k, v in conversation.items() if k != "id"}
+    assert [without_id(c) for c in again["conversations"]] == [without_id(c) for c in exported["conversations"]]

@@ -139,10 +139,13 @@ def test_switch_the_embedded_model_to_int8(server, chromium):
 
 
 def test_screenshots_of_the_other_pages(server, chromium):
-    for path in ["parameters"]:
-        page = open_page(chromium, server, path)
-        page.wait_for_timeout(2000)
-        page.screenshot(path=str(ARTIFACTS / f"{path}.png"), full_page=True)
+    page = open_page(chromium, server, "parameters")
+    expect(page.get_by_role("heading", name="Parameters")).to_be_visible(timeout=60_000)
+    for preset in ("Precise", "Balanced", "Creative", "Apply"):
+        expect(page.get_by_role("button", name=preset)).to_be_visible()
+    expect(page.get_by_role("spinbutton", name="Max new tokens")).to_be_visible()
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    page.screenshot(path=str(ARTIFACTS / "parameters.png"), full_page=True)
 
 
 def test_password_gate_in_the_browser(chromium):

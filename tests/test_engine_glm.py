@@ -80,13 +80,16 @@ def test_prequantized_default_is_the_fast_path_close_to_the_official(name):
 
 def test_stream_chat_streams_text_and_stops(case):
     name, engine, golden = case
-    stop, stats, text = threading.Event(), glm_core.ReplyStats(), ""
+    question = [{"role": "user", "content": "你好"}]
     params = glm_core.GenerationParams(max_new_tokens=20, do_sample=False)
-    for delta in engine.stream_chat([{"role": "user", "content": "你好"}], params, stop, stats):
-        text += delta
-        if stats.new_tokens == 6:
+    whole = glm_core.ReplyStats()
+    assert "".join(engine.stream_chat(question, params, None, whole)) and whole.new_tokens == 20  # runs past 6 alone
+    stop, stats, stopped_at = threading.Event(), glm_core.ReplyStats(), None
+    for _ in engine.stream_chat(question, params, stop, stats):
+        if stats.new_tokens >= 6 and stopped_at is None:
             stop.set()
-    assert stats.finish_reason in ("stopped", "stop") and stats.new_tokens <= 6 and stats.prompt_tokens > 0
+            stopped_at = stats.new_tokens
+    assert stats.finish_reason == "stopped" and stats.new_tokens == stopped_at and stats.prompt_tokens > 0
 
 
 def test_tokenizer_is_exposed(case):
