@@ -1,14 +1,18 @@
-"""Benchmark: what INT8 and INT4 cost and save on this machine, measured side by side and kept in SQLite."""
+"""Benchmark: what INT8 and INT4 cost and save on this machine, measured side by side and kept in SQLite.
+Everyone sees the runs; only the operator starts or cancels one."""
 import altair as alt
 import pandas as pd
 import psutil
 import streamlit as st
 import torch
 
+from app import runtime
+from app.access import loadable
+from app.bench_jobs import BenchBusy
+from app_pages.ui import error, is_operator, plain_text, store_or_stop
 from glm_core import PRECISIONS
-from glm_core.bench import PUBLISHED, RANDOM, BenchSpec
+from glm_core.bench import PUBLISHED, RANDOM, BenchError, BenchSpec
 from glm_core.registry import EMBEDDED, MODELS
-from studio import BenchJob, bench_slot, get_manager, store_or_stop
 
 CUSTOM = "Local directory or .gguf file ..."
 UNITS = {"load_s": "load (s)", "weights_gb": "weights (GiB)", "peak_rss_gb": "peak RSS (GiB)",
@@ -17,7 +21,8 @@ UNITS = {"load_s": "load (s)", "weights_gb": "weights (GiB)", "peak_rss_gb": "pe
          "top1_agreement": "top-1 agreement", "mean_kl": "mean KL (nats)", "perplexity": "perplexity"}
 
 store = store_or_stop()
-slot = bench_slot()
+jobs = runtime.bench_jobs()
+operator = is_operator()
 
 st.title("Benchmark")
 st.markdown(
@@ -29,7 +34,7 @@ st.markdown(
 
 @st.fragment(run_every=2)
 def live() -> None:
-    job: BenchJob | None = slot["job"]
+    job = jobs.job
     if job is None:
         return
     if job.running:
@@ -38,19 +43,19 @@ def live() -> None:
         eta = f" · about {p['eta_s']:.0f} s left" if p.get("eta_s") else ""
         st.progress(min(p["done"] / max(p["total"], 1), 1.0),
                     text=f"Run #{job.run_id}: {p['label']} ({p['done']}/{p['total']}){eta}")
-        st.caption(f"Each step waits its turn in the model queue, between chat replies "
-                   f"({get_manager().waiting()} waiting now).")
-        if st.button("Cancel the run", icon=":material/cancel:"):
-            job.cancel.set()
+        st.caption(f"Each precision is measured while the model service is idle: replies being written finish "
+                   f"first, new ones wait ({runtime.models().waiting} waiting now).")
+        if operator and st.button("Cancel the run", icon=":material/cancel:"):
+            jobs.cancel(operator)
     elif st.session_state.get("watching") == job.run_id:
         del st.session_state["watching"]
         st.rerun()   # the finished run shows below with its charts
     elif job.error:
-        st.error(f"Run #{job.run_id} failed: {job.error}")
+        error(f"Run #{job.run_id} failed: {job.error}")
 
 
 def new_run_form() -> None:
-    job: BenchJob | None = slot["job"]
+    job = jobs.job
     with st.form("new-run"):
         st.markdown("**New run**")
         options = [EMBEDDED] + [f"{RANDOM}{n}" for n in ("chatglm2-6b", "chatglm3-6b", "chatglm-6b")] + \
@@ -73,12 +78,20 @@ def new_run_form() -> None:
     if not name or not precisions or not prompts:
         st.error("Choose a model, at least one precision and one prompt length.")
         return
+    refused = loadable(name) if not name.startswith(RANDOM) else ""
+    if refused:
+        error(refused)
+        return
     if name in MODELS and name != EMBEDDED:
         st.warning(f"{name} is fetched from the Hub: this only works where the Hub is reachable and the weights are "
                    f"cached. Without the weights, use random:{name.split('-int')[0]}.")
     spec = BenchSpec(model=name, precisions=precisions, prompt_tokens=sorted(prompts), new_tokens=int(new_tokens),
                      repeats=int(repeats), device=device)
-    slot["job"] = BenchJob(spec, store, get_manager())
+    try:
+        jobs.start(spec, operator)
+    except (BenchError, BenchBusy) as e:
+        error(str(e))
+        return
     st.rerun()
 
 
@@ -151,14 +164,17 @@ def verdict(df: pd.DataFrame) -> None:
 
 
 live()
-new_run_form()
+if operator:
+    new_run_form()
+else:
+    st.caption("The operator (whoever started the server) runs benchmarks; here are the runs so far.")
 
 runs = {r["id"]: r for r in store.list_bench_runs()}
 st.subheader("Runs")
 if not runs:
     st.caption("No run yet. A short run of the embedded model takes a minute or two.")
     st.stop()
-labels = {i: f"#{i} · {r['settings']['model']} · {', '.join(r['settings']['precisions'])} · {r['status']} · {r['created_at'][:16]}"
+labels = {i: f"#{i} · {plain_text(r['settings']['model'])} · {', '.join(r['settings']['precisions'])} · {r['status']} · {r['created_at'][:16]}"
           for i, r in runs.items()}
 chosen = st.multiselect("Compare runs", list(runs), default=[next(iter(runs))], format_func=labels.get)
 if not chosen:

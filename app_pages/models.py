@@ -1,46 +1,78 @@
-"""Models: what is loaded, what else can be, at which precision, on which device, and what it needs."""
+"""Models: what is loaded, what else can be, at which precision, on which device, and what it needs.
+Everyone sees what is loaded; only the operator loads, switches or unloads."""
 import pandas as pd
 import psutil
 import streamlit as st
 import torch
 
+from app import runtime
+from app.access import loadable, models_dir
+from app_pages.ui import error, is_operator, plain_text
 from glm_core import PRECISIONS
-from glm_core.manager import memory_in_use
+from glm_core.engines import remote_name
 from glm_core.registry import MODELS, describe
-from studio import get_manager
+from glm_core.remote import RemoteError, RemoteServer
+from glm_core.service import memory_in_use
 
 CUSTOM = "Local directory, .gguf file or Hub id ..."
-manager = get_manager()
+models = runtime.models()
 st.title("Models")
 
-engine = manager.engine
-mem = memory_in_use()
-if engine is not None:
-    st.success(f"Loaded: **{engine.name}** · {engine.precision} · {engine.device} · weights "
-               f"{engine.weights_bytes / 1e9:.2f} GB · process RSS {mem['rss_gb']:.2f} GB", icon=":material/check_circle:")
-elif manager.status.state == "loading":
-    st.info(f"Loading **{manager.status.name}** ({manager.status.label}) ...")
-elif manager.status.state == "error":
-    st.error(f"The last load failed: {manager.status.error}")
-if manager.busy_with:
-    st.caption(f"The model is busy ({manager.busy_with}); {manager.waiting()} request(s) waiting. A switch waits its turn.")
+
+@st.fragment(run_every=1.0 if models.loading or st.session_state.get("load_started") else None)
+def loaded() -> None:
+    """What is loaded, and a load in progress with its bar; redrawn every second while one runs."""
+    engine, status, mem = models.engine, models.status, memory_in_use()
+    if models.loading:
+        share = status.done / status.total if status.total else 0.0
+        st.progress(share, text=plain_text(f"Loading {status.name or models.default[0]} ({status.precision}, "
+                                           f"{status.device}): {status.label or 'starting'}"))
+    elif engine is not None:
+        st.success(plain_text(f"Loaded: {engine.name} · {engine.precision} · {engine.device} · weights "
+                              f"{engine.weights_bytes / 1e9:.2f} GB · process RSS {mem['rss_gb']:.2f} GB"),
+                   icon=":material/check_circle:")
+    else:
+        st.info("No model is loaded.")
+    if status.error:
+        if is_operator():
+            error(status.error)
+        else:
+            st.caption("The last load failed; the operator has the details.")
+    if models.running or models.waiting:
+        st.caption(f"{models.running} replies being written, {models.waiting} waiting. A switch starts once the "
+                   f"running replies are done; new ones wait for it.")
+    if st.session_state.get("load_started") and not models.loading:
+        del st.session_state["load_started"]
+        st.rerun()
+
+
+loaded()
 
 st.subheader("Known models")
 rows = [{"model": m.name, "family": m.family, "context": m.context, "source": m.source,
          **{p: (f"{m.weights_gb(p):.1f} GB" if not m.precisions()[p] else "—") for p in PRECISIONS}}
         for m in MODELS.values()]
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-st.caption("Memory for the weights alone; add the KV cache (grows with the conversation) and about 0.5 GB for the app. "
-           "INT8/INT4 keep embeddings and the output layer in 16 bit. Weight-only quantization saves memory; "
-           "it makes decoding faster only where memory bandwidth is the limit (see Benchmark).")
+st.caption("Memory for the weights alone; add the KV cache (grows with the conversations) and about 0.5 GB for the "
+           "app. INT8/INT4 keep the embedding table and the output layer in 8 bit. Weight-only quantization saves "
+           "memory; it makes decoding faster only where memory bandwidth is the limit (see Benchmark).")
+
+if not is_operator():
+    st.caption("The operator (whoever started the server) loads and switches models: sign in as the operator in "
+               "the sidebar to do it.")
+    st.stop()
 
 st.subheader("Load a model")
+engine = models.engine
 names = list(MODELS)
-current = engine.name if engine is not None else manager.default[0]
+current = engine.name if engine is not None else models.default[0]
 choice = st.selectbox("Model", names + [CUSTOM], index=names.index(current) if current in names else len(names))
-name = st.text_input("Path or Hub id", value="" if current in names else current,
-                     placeholder="~/models/chatglm2-6b or THUDM/chatglm3-6b") if choice == CUSTOM else choice
-info = describe(name) if name else None
+name = st.text_input("Path or Hub id", value="" if current in names else current, max_chars=1000,
+                     placeholder=f"{models_dir()}/chatglm2-6b or THUDM/chatglm3-6b").strip() if choice == CUSTOM else choice
+refused = loadable(name) if name else ""
+if refused:
+    error(refused)
+info = describe(name) if name and not refused else None
 
 devices = {"cpu": ""}
 devices["cuda"] = "" if torch.cuda.is_available() else "no CUDA GPU on this machine"
@@ -57,7 +89,7 @@ precision = st.radio("Precision", available, horizontal=True, index=available.in
                      captions=[f"{info.weights_gb(p):.2f} GB" if info else "" for p in available])
 for p, why in {**devices, **reasons}.items():
     if why:
-        st.caption(f":material/block: **{p}**: {why}")
+        st.caption(f":material/block: **{p}**: {plain_text(why)}")
 
 need_gb = info.weights_gb(precision) * 1.1 + 0.3 if info is not None and precision else 0.0
 freed = engine.weights_bytes / 1e9 if engine is not None else 0.0
@@ -70,23 +102,36 @@ if info is not None:
     (st.caption if enough else st.error)(
         f"Needs about {need_gb:.1f} GB; {free_gb:.1f} GB {'of GPU memory ' if device == 'cuda' else ''}is free "
         f"once the current model is unloaded." + ("" if enough else " Not enough memory: pick a lower precision or a smaller model."))
-elif name:
+elif name and not refused:
     st.caption("Size unknown until it loads (a Hub id, or no weights found there).")
 
-if st.button("Load", type="primary", icon=":material/download:", disabled=not name or not available or not enough):
-    bar = st.progress(0.0, text="Waiting for the model to be free ...")
-    waiting = st.empty()
-    try:
-        manager.switch(name, precision, device,
-                       progress=lambda s: bar.progress(s.done / s.total if s.total else 0.0,
-                                                       text=f"Loading {s.name}: {s.label} ({s.done}/{s.total})"),
-                       on_wait=lambda place: waiting.info(f"Another request is using the model; you are #{place} in line."))
-        st.session_state.loaded_notice = f"{name} is loaded ({precision}, {device}) in {manager.status.seconds:.1f} s."
-    except Exception as e:  # noqa: BLE001 - any load failure is shown; the app keeps running without a model
-        st.session_state.loaded_notice = ""
-        st.session_state.load_error = str(e)
+if st.button("Load", type="primary", icon=":material/download:",
+             disabled=not name or bool(refused) or not available or not enough or models.loading):
+    models.load(name, precision, device)   # the service loads it between replies; leaving this page changes nothing
+    st.session_state.load_started = True
     st.rerun()
-if st.session_state.get("loaded_notice"):
-    st.success(st.session_state.pop("loaded_notice"))
-if st.session_state.get("load_error"):
-    st.error(f"Loading failed: {st.session_state.pop('load_error')}. No model is loaded now; load one to chat.")
+
+st.subheader("Or use another server's model")
+st.caption("Any OpenAI-compatible server: vLLM or SGLang on GPU machines (ChatGLM2/3, GLM-4), llama.cpp's server or "
+           "Ollama (GGUF models), another GLM Studio. That server runs the model and batches the requests; chat, "
+           "history and the stats line stay here.")
+with st.form("remote"):
+    base_url = st.text_input("Base URL", placeholder="http://gpu-box:8000/v1", max_chars=500)
+    api_key = st.text_input("API key", type="password", max_chars=500, help="Kept in memory only, never saved.")
+    listed = st.form_submit_button("List its models", icon=":material/list:")
+if listed and base_url.strip():
+    try:
+        st.session_state.remote = (base_url.strip(), api_key, RemoteServer(base_url.strip(), api_key, timeout_s=10).models())
+    except RemoteError as e:
+        st.session_state.pop("remote", None)
+        error(str(e))
+if st.session_state.get("remote"):
+    url, key, served = st.session_state.remote
+    if not served:
+        st.info(plain_text(f"{url} serves no model."))
+    else:
+        chosen = st.selectbox(f"Models of {plain_text(url)}", served)
+        if st.button("Use this model", type="primary", icon=":material/cloud:", disabled=models.loading):
+            models.load(remote_name(url, chosen), "remote", "remote", api_key=key)
+            st.session_state.load_started = True
+            st.rerun()

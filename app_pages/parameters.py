@@ -1,8 +1,10 @@
 """Parameters: how the model writes, per conversation, with the official defaults of each model version."""
 import streamlit as st
 
+from app import runtime
+from app_pages.ui import plain_text, store_or_stop, visitor
 from glm_core import GenerationParams
-from studio import get_manager, store_or_stop, visitor_id
+from storage import NotOwnerError
 
 PRESETS = {
     "Precise": dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0),
@@ -11,19 +13,20 @@ PRESETS = {
 }
 
 store = store_or_stop()
-owner = visitor_id()
-engine = get_manager().engine
+owner = visitor()
+engine = runtime.models().engine
 defaults = engine.default_params if engine is not None else GenerationParams()
 
 st.title("Parameters")
 if st.session_state.pop("params_saved", False):
     st.toast("Parameters saved.", icon=":material/check:")
 cid = st.session_state.get("conversation")
-conv = store.get_conversation(cid) if cid else None
-if conv is not None and conv["owner"] != owner:
+try:
+    conv = store.get_conversation(cid, owner) if cid else None
+except NotOwnerError:   # someone else's (the operator's read-only view): its parameters are not ours to change
     conv = None
 if conv is not None:
-    st.caption(f"For the conversation **{conv['title'] or 'Untitled'}**; saved with it.")
+    st.caption(f"For the conversation **{plain_text(conv['title'] or 'Untitled')}**; saved with it.")
     saved = conv["params"]
 else:
     st.caption("For your next new conversation (open a conversation in Chat to tune that one).")
@@ -31,13 +34,13 @@ else:
 params = GenerationParams.from_dict({**defaults.to_dict(), **saved})
 if engine is not None:
     source = "the official chat demo" if engine.family.startswith("chatglm") else "GLM Studio"
-    st.caption(f"Model defaults for **{engine.name}** are those of {source}.")
+    st.caption(f"Model defaults for **{plain_text(engine.name)}** are those of {source}.")
 
 
 
 def save(chosen: GenerationParams) -> None:
     if conv is not None:
-        store.update_conversation(conv["id"], params=chosen.to_dict())
+        store.update_conversation(conv["id"], owner, params=chosen.to_dict())
     else:
         st.session_state.new_chat_params = chosen.to_dict()
     for key in [k for k in st.session_state if str(k).startswith("param-")]:

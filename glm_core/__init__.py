@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .engines import Engine, ModelLoadError, Progress, load_glm, load_transformers
+from .engines import REMOTE, Engine, ModelLoadError, Progress, load_glm, load_remote, load_transformers
 from .generate import GenerationParams, PromptTooLongError, ReplyStats
 from .registry import EMBEDDED, MODELS, PRECISIONS
 
@@ -25,9 +25,12 @@ def is_chatglm_dir(path: Path) -> bool:
 
 
 def load(path_or_name: str, precision: str = "bf16", device: str = "cpu",
-         progress: Progress | None = None, exact: bool = False) -> Engine:
-    """Load a registry name, a local directory, a .gguf file or a Hub id at a precision on a device.
+         progress: Progress | None = None, exact: bool = False, api_key: str = "") -> Engine:
+    """Load a registry name, a local directory, a .gguf file or a Hub id at a precision on a device, or name
+    another server's model: remote:BASE_URL#MODEL (with its api_key; precision and device are the server's).
     exact: int8/int4 layers take unrounded inputs, the official arithmetic (slow on CPU: for checking)."""
+    if path_or_name.startswith(REMOTE):
+        return load_remote(path_or_name, api_key)
     if precision not in PRECISIONS:
         raise ModelLoadError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if device.split(":")[0] not in DEVICES:

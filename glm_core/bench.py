@@ -1,6 +1,7 @@
 """The benchmark: load time, memory, prefill and decode speed, and quality of one model at several precisions.
 
     python -m glm_core.bench MODEL|--random chatglm2-6b --precision int4,int8,bf16 --prompt-tokens 32,512 --new-tokens 128
+    python -m glm_core.bench MODEL --concurrent 1,2,4,8 ...   # streams at once through the model service
 
 prints a table and, as its last line, one JSON object. Each precision runs in a child process of its own, so
 its load time, resident memory and peak RSS are its own and not the parent's. Decode speed is also reported
@@ -37,9 +38,10 @@ import psutil
 import torch
 from torch import nn
 
-from .engines import tensor_bytes
-from .quant import Int8Embedding
-from .registry import PRECISIONS
+from .engines import Engine, tensor_bytes
+from .kvcache import KVCache
+from .quant import Int8Embedding, QuantizedLinear
+from .registry import PRECISIONS, cache_root
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ EVAL_TEXT = Path(__file__).with_name("eval_text.txt")
 RANK = {"fp32": 3, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0}   # the highest in a run is the quality reference
 QUALITY_TOKENS = 512        # tokens of the bundled text scored for quality: seconds on SmolLM2-135M
 WARMUP_TOKENS = 80          # more rows than quant.DENSE_MIN_ROWS: the warm-up runs the prefill and decode paths
-BANDWIDTH_MIB = 256         # far beyond any CPU cache
+BANDWIDTH_MIB = 2048        # far beyond any CPU's last-level cache (260 MiB on the largest seen here)
 SHARD_BYTES = 2 * 10**9     # random checkpoints come in shards of about this size, as the official ones
 RANDOM = "random:"
 RANDOM_NOTE = "random weights: quality cannot be measured"
@@ -91,8 +93,9 @@ PUBLISHED = {
 
 
 # Every result object has these keys (None where not measured); `error` is set when its child failed.
-RESULT_KEYS = ("model", "precision", "device", "prompt_tokens", "new_tokens", "repeats", "load_s", "weights_gb",
-               "rss_gb", "load_peak_rss_gb", "peak_rss_gb", "vram_peak_gb", "prefill_tok_s", "ttft_s", "decode_tok_s",
+RESULT_KEYS = ("model", "precision", "device", "prompt_tokens", "new_tokens", "repeats", "concurrency", "load_s",
+               "weights_gb", "rss_gb", "load_peak_rss_gb", "peak_rss_gb", "vram_peak_gb", "prefill_tok_s",
+               "prefill_gflops", "ttft_s", "ttft_max_s", "decode_tok_s", "aggregate_decode_tok_s",
                "bytes_per_token_gb", "decode_limit_tok_s", "decode_fraction_of_limit", "top1_agreement", "mean_kl",
                "perplexity", "quality_note", "machine", "error")
 
@@ -114,6 +117,7 @@ class BenchSpec:
     repeats: int = 1                 # decode/prefill figures = median over repeats
     device: str = "cpu"
     quality: bool = True             # top-1 / KL / perplexity vs the highest precision in the run
+    concurrent: list[int] = field(default_factory=list)   # streams at once through the model service (else one)
 
 
 def check_spec(spec: BenchSpec) -> None:
@@ -126,6 +130,8 @@ def check_spec(spec: BenchSpec) -> None:
         raise BenchError(f"new tokens must be at least 2 (one from the prefill, one decoded), got {spec.new_tokens}")
     if spec.repeats < 1:
         raise BenchError(f"repeats must be at least 1, got {spec.repeats}")
+    if any(c < 1 for c in spec.concurrent):
+        raise BenchError(f"concurrency must be at least 1, got {spec.concurrent}")
     if spec.model.startswith(RANDOM):
         random_config(spec.model[len(RANDOM):])
 
@@ -145,10 +151,12 @@ def cpu_name() -> str:
 
 
 def memory_bandwidth_gbps() -> float:
-    """Read bandwidth with the threads torch uses: the best of a few sums over a tensor far beyond the caches."""
+    """Read bandwidth with the threads torch uses: the best of a few sums over a tensor far beyond the caches (a
+    buffer near the last-level cache's size reads partly from the cache: 14.6-28.8 GB/s for 256 MiB against an
+    L3 of 260 MiB, where 2 GiB reads a steady 27.9)."""
     x = torch.ones(BANDWIDTH_MIB * 2**20 // 4)
     best = math.inf
-    for _ in range(5):
+    for _ in range(7):
         start = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - start)
@@ -170,10 +178,6 @@ def machine_info(measure_bandwidth: bool = True) -> dict:
 # random weights at true size, in the official layout
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("GLM_STUDIO_CACHE") or Path.home() / ".cache" / "glm-studio")
-
-
 def random_config(name: str) -> tuple[str, dict]:
     """(cache directory name, config.json) for random:NAME, NAME a known model or a ChatGLM config.json (or its dir)."""
     if name in RANDOM_CONFIGS:
@@ -184,6 +188,35 @@ def random_config(name: str) -> tuple[str, dict]:
         raise BenchError(f"random:{name}: give one of {', '.join(RANDOM_CONFIGS)} or the path of a ChatGLM config.json")
     text = path.read_text(encoding="utf-8")
     return f"random-{hashlib.sha256(text.encode()).hexdigest()[:12]}", json.loads(text)
+
+
+def random_checkpoint_bytes(name: str) -> int:
+    """Bytes a random checkpoint of random:NAME takes on disk (fp16 weights)."""
+    from .checkpoint import build_model
+    from .config import GLMConfig, load_config
+    _, raw = random_config(name)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+        config: GLMConfig = load_config(folder)
+    return sum(p.numel() * 2 for p in build_model(config, torch.float16).parameters())
+
+
+def check_disk(spec: "BenchSpec") -> None:
+    """BenchError when random weights must be written and the disk under cache_root() cannot hold them."""
+    if not spec.model.startswith(RANDOM):
+        return
+    name = spec.model[len(RANDOM):]
+    dirname, _ = random_config(name)
+    if (cache_root() / dirname / "model.safetensors.index.json").is_file():
+        return
+    need = random_checkpoint_bytes(name) + GIB   # and room to spare
+    folder = cache_root()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise BenchError(f"{spec.model} writes {need / 1e9:.1f} GB of random weights under {cache_root()} "
+                         f"(GLM_STUDIO_CACHE); only {free / 1e9:.1f} GB is free there")
 
 
 def random_checkpoint(name: str, on_shard: Callable[[int, int], None] | None = None) -> Path:
@@ -238,12 +271,11 @@ def random_checkpoint(name: str, on_shard: Callable[[int, int], None] | None = N
 
 @dataclass
 class Subject:
-    """What the child measures: the model verbs, its module (for bytes) and where its ids come from."""
-    model: object                                   # prefill / decode_one_token / logits / reset_cache / cached_ids
+    """What the child measures: an engine, its module (for bytes) and where its ids come from."""
+    engine: Engine
     module: nn.Module
     prompt: Callable[[int], list[int]]              # prompt ids of a given length
     quality_ids: Callable[[], tuple[list[int], int]] | None = None   # (ids, first scored position); None: random
-    vocab_limit: int | None = None
 
 
 def text_ids(encode: Callable[[str], list[int]], n: int) -> list[int]:
@@ -252,25 +284,38 @@ def text_ids(encode: Callable[[str], list[int]], n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+def random_engine(model_dir: str, precision: str, device: str) -> tuple[Engine, Callable[[int], list[int]]]:
+    """An engine on random weights (no tokenizer: prompts are random ids, replies have no text), and its prompts."""
+    from .batch import NativeBatcher
+    from .checkpoint import load_model
+    from .config import load_config
+    config = load_config(model_dir)
+    model = load_model(model_dir, precision, device)
+
+    def random_prompt(n: int) -> list[int]:
+        generator = torch.Generator().manual_seed(n)
+        if config.version == 1:   # ChatGLM-6B needs its [gMASK] <sop> after the context; ids below the specials
+            body = torch.randint(0, config.mask_token_id, (n - 2,), generator=generator).tolist()
+            return body + [config.gmask_token_id, config.bos_token_id]
+        return torch.randint(0, config.vocab_size, (n,), generator=generator).tolist()
+
+    def no_text(ids: list[int]) -> str:
+        return ""
+    engine = Engine(name=f"random {model_dir}", family=f"chatglm{config.version}", precision=precision, device=device,
+                    model=model, batcher=NativeBatcher(model), encode=lambda text: [], decode=no_text,
+                    build_prompt=lambda messages: [], stop_ids={config.eos_token_id}, context_length=config.seq_length,
+                    weights_bytes=tensor_bytes(model))
+    return engine, random_prompt
+
+
 def load_subject(job: dict) -> Subject:
     precision, device = job["precision"], job["device"]
     if job["model"].startswith(RANDOM):
-        from .checkpoint import load_model
-        from .config import load_config
-        config = load_config(job["model_dir"])
-        model = load_model(job["model_dir"], precision, device)
-
-        def random_prompt(n: int) -> list[int]:
-            generator = torch.Generator().manual_seed(n)
-            if config.version == 1:   # ChatGLM-6B needs its [gMASK] <sop> after the context; ids below the specials
-                body = torch.randint(0, config.mask_token_id, (n - 2,), generator=generator).tolist()
-                return body + [config.gmask_token_id, config.bos_token_id]
-            return torch.randint(0, config.vocab_size, (n,), generator=generator).tolist()
-        return Subject(model, model, random_prompt)
+        engine, random_prompt = random_engine(job["model_dir"], precision, device)
+        return Subject(engine, engine.model, random_prompt)
 
     from . import load
     engine = load(job["model"], precision, device)
-    module = engine.model if isinstance(engine.model, nn.Module) else engine.model.hf
     if engine.family == "transformers":
         marks, first = [], 0
     else:   # the official prompt marks; the text after them is scored, as a reply is generated after them
@@ -285,7 +330,7 @@ def load_subject(job: dict) -> Subject:
     def quality_ids() -> tuple[list[int], int]:
         n = min(QUALITY_TOKENS, engine.context_length - len(marks))
         return marks + text_ids(engine.encode, n), first
-    return Subject(engine.model, module, prompt, quality_ids, engine.vocab_limit)
+    return Subject(engine, engine.model, prompt, quality_ids)
 
 
 def bytes_read_per_token(module: nn.Module) -> int:
@@ -302,15 +347,27 @@ def bytes_read_per_token(module: nn.Module) -> int:
     return tensor_bytes(module) - sum(lookup_only.values())
 
 
-def kv_bytes_per_position(model) -> float:
-    """K/V bytes one cached position holds: the native models' preallocated cache or a transformers cache."""
-    cache = getattr(model, "kv_cache", None)
-    if isinstance(cache, torch.Tensor):
-        return cache.nbytes / cache.shape[-2]    # capacity is the second last dim in v1 and v2/v3 layouts
-    layers = getattr(getattr(model, "cache", None), "layers", [])
-    tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-               if isinstance(t, torch.Tensor)]
-    return sum(t.nbytes for t in tensors) / max(len(model.cached_ids), 1)
+def kv_bytes_per_position(batcher, seq) -> float:
+    """K/V bytes one cached position of a sequence holds: its KVCache (native), or its row of the padded batch."""
+    if isinstance(seq.cache, KVCache):
+        return seq.cache.nbytes / max(seq.cache.capacity, 1)
+    layers = getattr(batcher.cache, "layers", [])
+    tensors = [t for layer in layers for t in (layer.keys, layer.values)]
+    return sum(t[0].nbytes for t in tensors) / max(batcher.mask.shape[1], 1)
+
+
+def prefill_flops(module: nn.Module, n: int) -> float:
+    """Multiply-adds x 2 of a prefill of n ids: every block linear on every id (the output layer on the last one
+    only), and causal attention (scores and values: 2 * n^2/2 * width per layer, x 2 for the add)."""
+    linear_types = (nn.Linear, QuantizedLinear)
+    heads = [m for name, m in module.named_modules() if isinstance(m, linear_types)
+             and not name.endswith(("output_layer", "lm_head"))]
+    weights = sum(m.in_features * m.out_features for m in heads)
+    config = getattr(module, "config", None)
+    layers = getattr(config, "num_layers", None) or getattr(config, "num_hidden_layers", 0)
+    width = (getattr(config, "num_heads", None) or getattr(config, "num_attention_heads", 0)) * (
+        getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // max(getattr(config, "num_attention_heads", 1), 1))
+    return 2.0 * weights * n + 2.0 * layers * n * n * width
 
 
 def sync(device: str) -> None:
@@ -323,21 +380,55 @@ def greedy(logits: torch.Tensor, vocab_limit: int | None) -> int:
 
 
 def time_generation(subject: Subject, ids: list[int], new_tokens: int, device: str) -> dict:
-    """One greedy generation from an empty cache: prefill seconds, time to first token, decode seconds."""
-    model = subject.model
-    model.reset_cache()
+    """One greedy generation from an empty cache through the engine's batcher (a batch of one, as a lone visitor
+    is served): prefill seconds, time to first token, decode seconds."""
+    batcher, vocab_limit = subject.engine.batcher, subject.engine.vocab_limit
+    batcher.clear()
     start = time.perf_counter()
-    logits = model.prefill(ids)
+    seq = batcher.open(ids)
+    logits = None
+    while logits is None:
+        logits = batcher.step(seq, []).get(seq)
     sync(device)
     prefilled = time.perf_counter()
-    token = greedy(logits, subject.vocab_limit)
+    token = greedy(logits, vocab_limit)
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
-        token = greedy(model.decode_one_token(token), subject.vocab_limit)
+        token = greedy(batcher.step(None, [(seq, token)])[seq], vocab_limit)
+    sync(device)
     end = time.perf_counter()
-    kv = kv_bytes_per_position(model)
-    model.reset_cache()
+    kv = kv_bytes_per_position(batcher, seq)
+    batcher.close(seq, keep=False)
     return {"prefill_s": prefilled - start, "ttft_s": first - start, "decode_s": end - first, "kv_bytes": kv}
+
+
+def time_concurrent(subject: Subject, n: int, streams: int, new_tokens: int) -> dict:
+    """`streams` greedy requests of n-id prompts submitted at once to a model service around the engine (batched
+    as visitors are): aggregate decode tokens/s from the first first token to the last token, the median stream's
+    decode tokens/s, and the median and longest time to first token (from submission)."""
+    from .generate import GenerationParams
+    from .service import ModelService
+    engine = subject.engine
+    engine.batcher.clear()
+    service = ModelService(engine.name, engine.precision, engine.device, max_batch=streams,
+                           load=lambda *args, **kwargs: engine)
+    try:
+        service.ensure_loading()
+        service.wait_loaded()
+        params = GenerationParams(max_new_tokens=new_tokens, do_sample=False)
+        requests = [service.submit(prompt_ids=subject.prompt(n), params=params) for _ in range(streams)]
+        for request in requests:
+            request.result()
+    finally:
+        service.close()
+    errors = [r.error for r in requests if r.error]
+    if errors:
+        raise BenchError(errors[0])
+    decoded = sum(r.stats.new_tokens - 1 for r in requests)
+    window = max(r.finished_at for r in requests) - min(r.first_token_at for r in requests)
+    ttft = [r.first_token_at - r.submitted_at for r in requests]
+    return {"aggregate_decode_tok_s": decoded / window, "ttft_s": statistics.median(ttft), "ttft_max_s": max(ttft),
+            "decode_tok_s": statistics.median(r.stats.decode_tok_s for r in requests)}
 
 
 def peak_rss_bytes() -> int:
@@ -353,7 +444,7 @@ def peak_rss_bytes() -> int:
 def measure_quality(subject: Subject, path: Path) -> dict:
     """Log-probabilities of the bundled text's next tokens, saved for the parent; perplexity here in fp32."""
     ids, first = subject.quality_ids()
-    logits = subject.model.logits(ids)[first:-1, :subject.vocab_limit].float().cpu()
+    logits = subject.engine.logits(ids)[first:-1, :subject.engine.vocab_limit].float().cpu()
     logprobs = torch.log_softmax(logits, dim=-1)
     targets = torch.tensor(ids[first + 1:])
     nll = -logprobs.gather(1, targets[:, None]).mean().item()
@@ -393,16 +484,25 @@ def child(job: dict) -> None:
                 per_token = read + timing["kv_bytes"] * (n + new_tokens / 2)
                 bandwidth = job.get("bandwidth_gbps")
                 limit = bandwidth * 1e9 / per_token if bandwidth and device == "cpu" else None
-                results.append({
+                row = {
                     "model": job["model"], "precision": precision, "device": device, "prompt_tokens": n,
-                    "new_tokens": new_tokens, "repeats": job["repeats"], "load_s": load_s,
+                    "new_tokens": new_tokens, "repeats": job["repeats"], "concurrency": 1, "load_s": load_s,
                     "weights_gb": weights / GIB, "rss_gb": rss / GIB, "load_peak_rss_gb": load_peak / GIB,
                     "peak_rss_gb": peak_rss_bytes() / GIB,
                     "vram_peak_gb": torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None,
-                    "prefill_tok_s": n / timing["prefill_s"], "ttft_s": timing["ttft_s"], "decode_tok_s": decode_tok_s,
+                    "prefill_tok_s": n / timing["prefill_s"],
+                    "prefill_gflops": prefill_flops(subject.module, n) / timing["prefill_s"] / 1e9,
+                    "ttft_s": timing["ttft_s"], "decode_tok_s": decode_tok_s, "aggregate_decode_tok_s": decode_tok_s,
                     "bytes_per_token_gb": per_token / GIB, "decode_limit_tok_s": limit,
                     "decode_fraction_of_limit": decode_tok_s / limit if limit else None,
-                })
+                }
+                results.append(row)
+                for streams in sorted(set(job.get("concurrent") or []) - {1}):
+                    timing = time_concurrent(subject, n, streams, new_tokens)
+                    results.append({**row, "concurrency": streams, "prefill_tok_s": None, "prefill_gflops": None,
+                                    "decode_limit_tok_s": None, "decode_fraction_of_limit": None,
+                                    "peak_rss_gb": peak_rss_bytes() / GIB, **timing})
+                    say(type="step", label=f"{precision}: prompt {n}, {streams} streams at once")
             quality = None
             if job.get("quality_dir") and subject.quality_ids is not None:
                 quality = measure_quality(subject, Path(job["quality_dir"]) / f"{precision}.npz")
@@ -508,7 +608,8 @@ def run(spec: BenchSpec, on_event: Callable[[dict], None] | None = None, cancel:
     precisions = sorted(dict.fromkeys(spec.precisions), key=lambda p: -RANK[p])
     quality = spec.quality and not random
     machine = machine_info(measure_bandwidth=True)
-    progress = Progress(emit, len(precisions) * (1 + len(spec.prompt_tokens) * spec.repeats + int(quality)))
+    streams = len(set(spec.concurrent) - {1})
+    progress = Progress(emit, len(precisions) * (1 + len(spec.prompt_tokens) * (spec.repeats + streams) + int(quality)))
     emit({"type": "progress", "done": 0, "total": progress.total, "label": "starting", "eta_s": None})
     results: list[dict] = []
     reference: tuple[str, Path] | None = None    # (precision, saved distributions) of the quality reference
@@ -582,9 +683,11 @@ def add_quality(rows: list[dict], measured: dict | None, reference: tuple[str, P
 # the command line
 
 COLUMNS = [("precision", "precision", "{}"), ("prompt", "prompt_tokens", "{}"), ("new", "new_tokens", "{}"),
+           ("streams", "concurrency", "{}"),
            ("load s", "load_s", "{:.1f}"), ("weights GiB", "weights_gb", "{:.2f}"), ("rss GiB", "rss_gb", "{:.2f}"),
            ("peak GiB", "peak_rss_gb", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.1f}"),
-           ("ttft s", "ttft_s", "{:.2f}"), ("decode tok/s", "decode_tok_s", "{:.2f}"),
+           ("GFLOP/s", "prefill_gflops", "{:.0f}"), ("ttft s", "ttft_s", "{:.2f}"),
+           ("decode tok/s", "decode_tok_s", "{:.2f}"), ("all streams tok/s", "aggregate_decode_tok_s", "{:.2f}"),
            ("limit tok/s", "decode_limit_tok_s", "{:.2f}"), ("of limit", "decode_fraction_of_limit", "{:.0%}"),
            ("top-1", "top1_agreement", "{:.1%}"), ("mean KL", "mean_kl", "{:.4f}"), ("ppl", "perplexity", "{:.2f}")]
 
@@ -622,6 +725,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="figures are medians over this many runs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-quality", action="store_true", help="skip top-1 / KL / perplexity")
+    parser.add_argument("--concurrent", default="", metavar="N,M,...",
+                        help="also run N (then M, ...) streams at once through the model service: aggregate and "
+                             "per-stream decode tokens/s, time to first token")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -632,7 +738,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         spec = BenchSpec(model=args.model or RANDOM + args.random, precisions=args.precision.split(","),
                          prompt_tokens=[int(n) for n in args.prompt_tokens.split(",")], new_tokens=args.new_tokens,
-                         repeats=args.repeats, device=args.device, quality=not args.no_quality)
+                         repeats=args.repeats, device=args.device, quality=not args.no_quality,
+                         concurrent=[int(c) for c in args.concurrent.split(",") if c])
         check_spec(spec)
     except ValueError as e:
         parser.error(str(e))

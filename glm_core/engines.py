@@ -5,7 +5,10 @@ chat template (`load_transformers`). Both feed the same generation loop in gener
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +16,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from .generate import (CausalLM, GenerationParams, PromptTooLongError, ReplyStats, TextStream,
-                       generate)
+from .batch import NativeBatcher, PaddedBatcher
+from .generate import GenerationParams, PromptTooLongError, ReplyStats, TextStream, generate
+from .registry import cache_root
 
 Progress = Callable[[int, int, str], None]
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -29,7 +34,8 @@ class Engine:
     family: str                     # chatglm1 | chatglm2 | chatglm3 | transformers
     precision: str
     device: str
-    model: CausalLM
+    model: torch.nn.Module | None   # the native model, or the transformers one (None: a remote server's)
+    batcher: NativeBatcher | PaddedBatcher | None   # runs sequences through the model, alone or together
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     build_prompt: Callable[[list[dict]], list[int]]
@@ -40,22 +46,33 @@ class Engine:
     default_params: GenerationParams = field(default_factory=GenerationParams)
     weights_bytes: int = 0
     tokenizer: object = None
+    remote: tuple | None = None     # (RemoteServer, model name) when another server runs the model
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote is not None
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.build_prompt(messages)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), output rows] float32: every position of ids, alone (no cache kept)."""
         with torch.inference_mode():
+            if self.family == "transformers":
+                x = torch.tensor([ids], device=self.model.device)
+                return self.model(input_ids=x, use_cache=False).logits[0].float()
             return self.model.logits(ids)
 
     def generate_ids(self, ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
                      **sampling) -> list[int]:
         params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
         with torch.inference_mode():
-            return list(generate(self.model, ids, params, self.stop_ids, self.context_length, self.vocab_limit))
+            return list(generate(self.batcher, ids, params, self.stop_ids, self.context_length, self.vocab_limit))
 
-    def fit_messages(self, messages: list[dict], params: GenerationParams) -> tuple[list[int], int]:
-        """Prompt ids for the newest turns that fit, leaving room for the reply; returns (ids, turns dropped)."""
+    def fit_messages(self, messages: list[dict], params: GenerationParams, whole: bool = False) -> tuple[list[int], int]:
+        """Prompt ids for the newest turns that fit, leaving room for the reply; returns (ids, turns dropped).
+        `whole`: every message must fit as given (none is left out). (Not for a remote engine: its server fits
+        the prompt.)"""
         limit = min(params.max_length or self.context_length, self.context_length)
         room = limit - min(params.max_new_tokens, limit // 2)
         system = [m for m in messages[:1] if m["role"] == "system"]
@@ -63,15 +80,16 @@ class Engine:
         dropped = 0
         while True:
             ids = self.build_prompt(system + turns)
-            if len(ids) <= room or len(turns) <= 1:
+            if len(ids) <= room or len(turns) <= 1 or whole:
                 break
             # Drop the oldest exchange: everything up to the next user turn.
             cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
             turns = turns[cut:]
             dropped += cut
         if len(ids) >= limit:
+            what = "the messages are" if whole else "the message is"
             raise PromptTooLongError(
-                f"the message is {len(ids)} tokens long, but {self.name} takes at most {limit} tokens "
+                f"{what} {len(ids)} tokens long, but {self.name} takes at most {limit} tokens "
                 f"for prompt and reply together; shorten it or raise max_length")
         return ids, dropped
 
@@ -80,10 +98,14 @@ class Engine:
         """Yield text deltas of the reply to the last message; `stop` ends it within one token."""
         params = params or self.default_params
         stats = stats if stats is not None else ReplyStats()
+        if self.remote is not None:
+            server, model = self.remote
+            yield from server.stream_chat(model, messages, params, stop, stats)
+            return
         ids, stats.dropped_turns = self.fit_messages(messages, params)
         text = TextStream(self.decode)
         with torch.inference_mode():
-            for token in generate(self.model, ids, params, self.stop_ids, self.context_length,
+            for token in generate(self.batcher, ids, params, self.stop_ids, self.context_length,
                                   self.vocab_limit, stop, stats):
                 if token in self.stop_ids:
                     break
@@ -95,8 +117,8 @@ class Engine:
             yield tail
 
     def reset(self) -> None:
-        """Forget the KV cache (a new or cleared conversation)."""
-        self.model.reset_cache()
+        """Forget the kept KV caches (a new or cleared conversation)."""
+        self.batcher.clear()
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -130,7 +152,7 @@ def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu
     model = load_model(model_dir, precision=precision, device=device, progress=progress, exact=exact)
     return Engine(
         name=name, family=f"chatglm{config.version}", precision=precision, device=device, model=model,
-        encode=tok.encode, decode=tok.decode,
+        batcher=NativeBatcher(model), encode=tok.encode, decode=tok.decode,
         build_prompt=lambda messages: prompt_ids(tok, config.version, messages),
         stop_ids=set(tok.stop_ids), context_length=config.seq_length, vocab_limit=tok.vocab_size,
         clean=lambda text: clean_response(config.version, text),
@@ -140,51 +162,6 @@ def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu
 
 # ---------------------------------------------------------------------------------------------
 # transformers models
-
-
-class HFCausalLM:
-    """Adapts a transformers causal LM to prefill / decode_one_token with a reusable KV cache."""
-
-    def __init__(self, model):
-        self.hf = model
-        self.cache = None
-        self.cached_ids: list[int] = []
-        self.device = next(model.parameters()).device
-
-    def _run(self, ids: list[int]) -> torch.Tensor:
-        from transformers import DynamicCache
-        if self.cache is None:
-            self.cache = DynamicCache(config=self.hf.config)
-        x = torch.tensor([ids], device=self.device)
-        out = self.hf(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
-
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        x = torch.tensor([ids], device=self.device)
-        return self.hf(input_ids=x, use_cache=False).logits[0].float()
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        keep = 0
-        for a, b in zip(self.cached_ids, ids[:-1]):   # the last id is always run: its logits are needed
-            if a != b:
-                break
-            keep += 1
-        if self.cache is not None and keep < len(self.cached_ids):
-            self.cache.crop(keep - len(self.cached_ids))
-        if keep == 0:
-            self.reset_cache()
-        logits = self._run(ids[keep:])
-        self.cached_ids = list(ids)
-        return logits
-
-    def decode_one_token(self, token: int) -> torch.Tensor:
-        logits = self._run([token])
-        self.cached_ids.append(token)
-        return logits
-
-    def reset_cache(self) -> None:
-        self.cache = None
-        self.cached_ids = []
 
 
 def resolve_transformers_source(name: str) -> tuple[str, dict]:
@@ -204,6 +181,41 @@ def resolve_transformers_source(name: str) -> tuple[str, dict]:
     return str(path) if path.is_dir() else name, {}
 
 
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where a GGUF's dequantized weights and tokenizer are kept, keyed by the file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return cache_root() / "gguf" / digest.hexdigest()[:32]
+
+
+def load_gguf(source: str, gguf_file: str, dtype: torch.dtype):
+    """(tokenizer, model) from a GGUF. transformers dequantizes a GGUF on every load (about 17 s for the embedded
+    model on 2 cores); the result is kept as safetensors in the cache (fp32, as dequantized) and read back in
+    under a second on later loads."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cached = gguf_cache_dir(Path(source) / gguf_file)
+    if (cached / "model.safetensors").is_file():
+        return AutoTokenizer.from_pretrained(cached), AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    hf = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        del hf.config.quantization_config   # the weights saved are plain floats
+        save_model(hf, str(partial / "model.safetensors"))
+        hf.config.save_pretrained(partial)
+        hf.generation_config.save_pretrained(partial)
+        tok.save_pretrained(partial)
+        os.replace(partial, cached)
+    except OSError as e:   # a full or read-only disk: this load still works, the next one dequantizes again
+        log.warning("could not keep the dequantized %s in %s: %s", gguf_file, cached, e)
+        shutil.rmtree(partial, ignore_errors=True)
+    return tok, hf.to(dtype)
+
+
 def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
                       progress: Progress | None = None, exact: bool = False) -> Engine:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,14 +223,17 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
     hf_logging.disable_progress_bar()
     source, extra = resolve_transformers_source(name)
     if progress:
-        progress(0, 2, "tokenizer")
+        progress(0, 2, "tokenizer and weights")
     try:
-        tok = AutoTokenizer.from_pretrained(source, **extra)
-        if progress:
-            progress(1, 2, "weights")
         from .checkpoint import compute_dtype
         dtype = compute_dtype(precision, device)
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        if "gguf_file" in extra:
+            tok, hf = load_gguf(source, extra["gguf_file"], dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(source)
+            if progress:
+                progress(1, 2, "weights")
+            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only local files are read)" if offline else ""
@@ -243,10 +258,41 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
         stop.update(eos)
     context = getattr(hf.config, "max_position_embeddings", None) or tok.model_max_length
     return Engine(
-        name=name, family="transformers", precision=precision, device=device, model=HFCausalLM(hf),
+        name=name, family="transformers", precision=precision, device=device, model=hf, batcher=PaddedBatcher(hf),
         encode=lambda text: tok.encode(text, add_special_tokens=False),
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
         build_prompt=build_prompt, stop_ids=stop, context_length=int(context), vocab_limit=len(tok),
         default_params=GenerationParams(max_new_tokens=512, temperature=0.7, top_p=0.9),
         weights_bytes=tensor_bytes(hf), tokenizer=tok,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# another server's model
+
+
+REMOTE = "remote:"
+
+
+def remote_name(base_url: str, model: str) -> str:
+    """The model name of a remote server's model: remote:BASE_URL#MODEL."""
+    return f"{REMOTE}{base_url}#{model}"
+
+
+def load_remote(name: str, api_key: str = "") -> Engine:
+    """A model another OpenAI-compatible server runs (vLLM, SGLang, llama.cpp's server, Ollama, GLM Studio):
+    `remote:BASE_URL#MODEL`. The server does the batching and holds the context; replies stream from it."""
+    from .remote import RemoteError, RemoteServer
+    base_url, _, model = name[len(REMOTE):].rpartition("#")
+    if not base_url or not model:
+        raise ModelLoadError(f"{name!r}: a remote model is remote:BASE_URL#MODEL, e.g. remote:http://gpu-box:8000/v1#chatglm3-6b")
+    try:
+        server = RemoteServer(base_url, api_key)
+        served = RemoteServer(base_url, api_key, timeout_s=15).models()
+    except RemoteError as e:
+        raise ModelLoadError(str(e)) from e
+    if model not in served:
+        raise ModelLoadError(f"{server.base_url} has no model {model!r}; it serves {', '.join(served) or 'none'}")
+    return Engine(name=f"{model} @ {server.base_url}", family="remote", precision="remote", device=server.base_url,
+                  model=None, batcher=None, encode=lambda text: [], decode=lambda ids: "",
+                  build_prompt=lambda messages: [], stop_ids=set(), context_length=0, remote=(server, model))

@@ -1,14 +1,15 @@
-"""The generation loop shared by every engine: prefill, decode_one_token, sample, stream text.
+"""Generation: the parameters and stats of a reply, its token choices, and the loop for one sequence.
 
-A model here is anything with `prefill(ids) -> logits`, `decode_one_token(token) -> logits`,
-`logits(ids)`, `reset_cache()` and `cached_ids` (the native GLM models and the transformers adapter).
+`Decoding` is one reply's token choices (sampling with its own generator, its budget, its stop ids, its stats).
+`generate` runs one prompt through a batcher (batch.py) as a batch of one; the model service (service.py) runs
+many `Decoding`s through the same batcher verbs, so a reply is chosen the same way alone or in a batch.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import torch
 from transformers.generation.logits_process import (
@@ -18,15 +19,6 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-
-class CausalLM(Protocol):
-    cached_ids: list[int]
-
-    def logits(self, ids: list[int]) -> torch.Tensor: ...
-    def prefill(self, ids: list[int]) -> torch.Tensor: ...
-    def decode_one_token(self, token: int) -> torch.Tensor: ...
-    def reset_cache(self) -> None: ...
 
 
 class PromptTooLongError(ValueError):
@@ -52,13 +44,66 @@ class GenerationParams:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    @classmethod
+    def checked(cls, d: object) -> "GenerationParams":
+        """Parameters from untrusted input (an import, an API request): a dict of known keys with values of the
+        right type and range, else ValueError saying which key is wrong and what it takes."""
+        if not isinstance(d, dict):
+            raise ValueError(f"generation parameters must be an object of named values, not {type(d).__name__}")
+        unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown generation parameter(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        for key, value in d.items():
+            rule = PARAM_RULES[key]
+            if value is None and rule.optional:
+                continue
+            if isinstance(value, bool) != (rule.kind is bool) or not isinstance(value, rule.kind):
+                raise ValueError(f"{key} must be {rule.describe()}, got {value!r}"[:300])
+            if rule.kind is not bool and not (rule.low <= value <= rule.high):
+                raise ValueError(f"{key} must be {rule.describe()}, got {value!r}"[:300])
+        params = cls.from_dict(d)
+        if params.do_sample and params.temperature <= 0:
+            raise ValueError("temperature must be above 0 when sampling (do_sample false gives the greedy reply)")
+        return params
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    kind: type | tuple[type, ...]
+    low: float = 0
+    high: float = 0
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            return "true or false"
+        if self.kind is int:
+            span = f"an integer from {int(self.low):,} to {int(self.high):,}"
+        else:
+            span = f"a number from {self.low:g} to {self.high:g}"
+        return span + (" or null" if self.optional else "")
+
+
+PARAM_RULES = {
+    "max_new_tokens": ParamRule(int, 1, 1 << 20),
+    "max_length": ParamRule(int, 1, 1 << 24, optional=True),
+    "do_sample": ParamRule(bool),
+    "temperature": ParamRule((int, float), 0, 100),
+    "top_p": ParamRule((int, float), 1e-6, 1),
+    "top_k": ParamRule(int, 0, 1 << 20),
+    "repetition_penalty": ParamRule((int, float), 1e-3, 100),
+    "seed": ParamRule(int, 0, (1 << 63) - 1, optional=True),
+}
+
 
 @dataclass
 class ReplyStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     dropped_turns: int = 0      # oldest turns left out so the prompt fits the context
-    ttft_s: float = 0.0         # time to first token (prefill + first sample)
+    wait_s: float = 0.0         # waiting for a place in the batch
+    ttft_s: float = 0.0         # time to first token once in the batch (prefill + first sample)
     prefill_tok_s: float = 0.0  # prompt tokens / ttft (a prompt extending the cached one costs less)
     decode_tok_s: float = 0.0
     finish_reason: str = ""     # stop | length | stopped | error
@@ -93,59 +138,83 @@ def sample(logits: torch.Tensor, history: torch.Tensor, procs: LogitsProcessorLi
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def generate(model: CausalLM, prompt_ids: list[int], params: GenerationParams, stop_ids: set[int],
-             context_length: int, vocab_limit: int | None = None, stop: threading.Event | None = None,
-             stats: ReplyStats | None = None) -> Iterator[int]:
-    """Yield new token ids; the stop id is yielded too when one ends the reply (as HF generate)."""
-    stats = stats if stats is not None else ReplyStats()
-    limit = min(params.max_length or context_length, context_length)
-    budget = min(params.max_new_tokens, limit - len(prompt_ids))
-    if budget <= 0:
-        raise PromptTooLongError(
-            f"the prompt has {len(prompt_ids)} tokens; the limit for prompt + reply is {limit}")
-    procs = logits_processors(params)
-    generator = None
-    if params.do_sample and params.seed is not None:
-        generator = torch.Generator().manual_seed(int(params.seed))
-    # Ids seen so far, preallocated once, for the repetition penalty.
-    history = torch.empty(len(prompt_ids) + budget, dtype=torch.long)
-    history[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
-    n = len(prompt_ids)
+class Decoding:
+    """The token choices of one reply to prompt ids: sampled with its own generator (seeded when params.seed is
+    set), at most its budget of new tokens (params and the context), ending on a stop id. `stats` fill in as it
+    goes: ttft_s counts from `started` (set when its prefill begins)."""
 
-    stats.prompt_tokens = len(prompt_ids)
-    stats.finish_reason = "length"
-    t0 = time.perf_counter()
-    logits = model.prefill(prompt_ids)
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits[vocab_limit:] = float("-inf")   # padded rows have no token to decode
-    t_first = None
-    for _ in range(budget):
-        if stop is not None and stop.is_set():
-            stats.finish_reason = "stopped"
-            break
-        token = sample(logits, history[:n], procs, params.do_sample, generator)
-        history[n] = token
-        n += 1
+    def __init__(self, prompt_ids: list[int], params: GenerationParams, stop_ids: set[int], context_length: int,
+                 vocab_limit: int | None = None, stats: ReplyStats | None = None):
+        limit = min(params.max_length or context_length, context_length)
+        self.budget = min(params.max_new_tokens, limit - len(prompt_ids))
+        if self.budget <= 0:
+            raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; the limit for prompt + reply is {limit}")
+        self.params, self.stop_ids, self.vocab_limit = params, stop_ids, vocab_limit
+        self.procs = logits_processors(params)
+        self.generator = None
+        if params.do_sample and params.seed is not None:
+            self.generator = torch.Generator().manual_seed(int(params.seed))
+        # ids seen so far, preallocated once, for the repetition penalty
+        self.history = torch.empty(len(prompt_ids) + self.budget, dtype=torch.long)
+        self.history[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.length = len(prompt_ids)
+        self.stats = stats if stats is not None else ReplyStats()
+        self.stats.prompt_tokens, self.stats.finish_reason = len(prompt_ids), "length"
+        self.started = time.perf_counter()
+        self.first_at: float | None = None
+        self.done = False
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from the logits after the last one; the reply is done after a stop id or its budget."""
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[self.vocab_limit:] = float("-inf")   # padded rows have no token to decode
+        token = sample(logits, self.history[:self.length], self.procs, self.params.do_sample, self.generator)
+        self.history[self.length] = token
+        self.length += 1
+        stats, now = self.stats, time.perf_counter()
         stats.new_tokens += 1
         stats.token_ids.append(token)
-        if t_first is None:
-            t_first = time.perf_counter()
-            stats.ttft_s = t_first - t0
-            stats.prefill_tok_s = len(prompt_ids) / stats.ttft_s if stats.ttft_s > 0 else 0.0
-        if token in stop_ids:
-            stats.finish_reason = "stop"
+        if self.first_at is None:
+            self.first_at = now
+            stats.ttft_s = now - self.started
+            stats.prefill_tok_s = stats.prompt_tokens / stats.ttft_s if stats.ttft_s > 0 else 0.0
+        elif now > self.first_at:
+            stats.decode_tok_s = (stats.new_tokens - 1) / (now - self.first_at)
+        if token in self.stop_ids:
+            stats.finish_reason, self.done = "stop", True
+        elif stats.new_tokens == self.budget:
+            self.done = True
+        return token
+
+    def stop(self, reason: str = "stopped") -> None:
+        self.stats.finish_reason, self.done = reason, True
+
+
+def generate(batcher, prompt_ids: list[int], params: GenerationParams, stop_ids: set[int], context_length: int,
+             vocab_limit: int | None = None, stop: threading.Event | None = None, stats: ReplyStats | None = None,
+             key: str | None = None) -> Iterator[int]:
+    """Yield the new token ids of one reply, run alone through the batcher; the stop id is yielded too when one
+    ends the reply (as HF generate). `stop` ends it within one token."""
+    decoding = Decoding(prompt_ids, params, stop_ids, context_length, vocab_limit, stats)
+    seq = batcher.open(prompt_ids, key)
+    try:
+        logits = None
+        while logits is None:
+            if stop is not None and stop.is_set():
+                decoding.stop()
+                return
+            logits = batcher.step(seq, []).get(seq)
+        while True:
+            if stop is not None and stop.is_set():
+                decoding.stop()
+                return
+            token = decoding.choose(logits)
             yield token
-            break
-        yield token
-        if stats.new_tokens == budget:
-            break
-        logits = model.decode_one_token(token)
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits[vocab_limit:] = float("-inf")
-        elapsed = time.perf_counter() - t_first
-        stats.decode_tok_s = (stats.new_tokens - 1) / elapsed if elapsed > 0 else 0.0
-    if stats.finish_reason != "stopped" and stop is not None and stop.is_set():
-        stats.finish_reason = "stopped"
+            if decoding.done:
+                return
+            logits = batcher.step(None, [(seq, token)])[seq]
+    finally:
+        batcher.close(seq)
 
 
 class TextStream:

@@ -3,10 +3,14 @@
 Pre-RMSNorm blocks, SwiGLU MLP, multi-query attention (kv_groups K/V heads shared by the query heads),
 one blocked qkv projection `[Q | K | V]` with bias, rotary embeddings on the first half of each head dim
 in interleaved pairs, an untied output layer. The module tree mirrors the official parameter names, so a
-checkpoint loads by name. The KV cache is preallocated inside the model and reused across calls.
+checkpoint loads by name.
+
+`forward(segments)` runs several sequences at once: each segment is a KVCache and the ids that follow what it
+holds. Every linear takes the rows of all segments together (the weights are read once per step, whatever the
+batch); attention runs per segment against its own cache. The single-sequence verbs (`prefill`,
+`decode_one_token`, `logits`) are that with one segment and the model's own cache.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn as nn
@@ -14,20 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import GLMConfig
+from .kvcache import KVCache, common_prefix
 from .quant import slow_half_gemm
 
-CACHE_CHUNK = 256           # KV cache grows by this many positions at a time
 PREFILL_CHUNK = 512         # prompt ids run at a time: bounds activation memory on long prompts
 UPCAST_ELEMENTS = 1 << 22   # weight elements converted to fp32 at a time by the CPU prefill path of `linear`
 
-
-class ContextOverflowError(ValueError):
-    """The ids do not fit in the context the model was trained for (config.seq_length)."""
-
-
-def check_length(n: int, config: GLMConfig) -> None:
-    if n > config.seq_length:
-        raise ContextOverflowError(f"{n} tokens do not fit in the model's context of {config.seq_length}")
+Segment = tuple[KVCache, list[int]]   # a sequence's cache and the ids to run after what it holds
 
 
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
@@ -51,15 +48,14 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-def rotary(config: GLMConfig, start: int, length: int, dtype: torch.dtype,
-           device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin [length, 1, head_dim/4] for positions start..start+length-1, in the compute dtype as the
-    official cache is. Long-context variants differ by version: ChatGLM2-32k interpolates positions
-    (position / rope_ratio), ChatGLM3-32k/128k raise the base (10000 * rope_ratio)."""
+def rotary(config: GLMConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [len(positions), 1, head_dim/4] in the compute dtype, as the official cache is. Long-context
+    variants differ by version: ChatGLM2-32k interpolates positions (position / rope_ratio), ChatGLM3-32k/128k
+    raise the base (10000 * rope_ratio)."""
     dim = config.head_dim // 2
     base = 10000.0 * config.rope_ratio if config.version == 3 else 10000.0
-    theta = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
-    positions = torch.arange(start, start + length, dtype=torch.float32, device=device)
+    theta = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+    positions = positions.to(torch.float32)
     if config.version == 2:
         positions = positions / config.rope_ratio
     angles = torch.outer(positions, theta)[:, None, :]
@@ -95,30 +91,32 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, qkv_rows, bias=config.qkv_bias)
         self.dense = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
-        """x [T, hidden] at positions start..; cache (k, v) [kv_groups, capacity, head_dim] holds 0..start-1."""
-        T, H, G, D = x.shape[0], self.num_heads, self.kv_groups, self.head_dim
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, spans: list[tuple[KVCache, int, int]]) -> Tensor:
+        """x [rows, hidden] of every segment; spans (cache, start, length) say whose rows they are, in order: a
+        segment's rows sit at positions start.. after the start positions its cache holds."""
+        H, G, D = self.num_heads, self.kv_groups, self.head_dim
+        rows = x.shape[0]
         q, k, v = linear(self.query_key_value, x).split([H * D, G * D, G * D], dim=-1)
-        # [1, heads, T, D]: SDPA takes its fused CPU kernel only for 4-D inputs
-        q = apply_rotary(q.view(T, H, D), cos, sin).transpose(0, 1)[None]
-        k = apply_rotary(k.view(T, G, D), cos, sin).transpose(0, 1)[None]
-        v = v.view(T, G, D).transpose(0, 1)[None]
-        if cache is not None:
-            k_cache, v_cache = cache
-            k_cache[:, start : start + T] = k[0]
-            v_cache[:, start : start + T] = v[0]
-            k, v = k_cache[None, :, : start + T], v_cache[None, :, : start + T]
-        if T == 1:
-            # One new token sees every cached one, so the query heads of a group can be stacked as rows:
-            # no mask and no K/V copies per head.
-            out = F.scaled_dot_product_attention(q.reshape(1, G, H // G, D), k, v).reshape(1, H, 1, D)
-        elif start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            # is_causal aligns the mask top-left; with a cached prefix row i sees keys 0..start+i.
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return linear(self.dense, out[0].transpose(0, 1).reshape(T, H * D))
+        q = apply_rotary(q.view(rows, H, D), cos, sin).transpose(0, 1)   # [heads, rows, D]
+        k = apply_rotary(k.view(rows, G, D), cos, sin).transpose(0, 1)
+        v = v.view(rows, G, D).transpose(0, 1)
+        out, row = [], 0
+        for cache, start, T in spans:
+            keys, values = cache.store(layer, start, k[:, row:row + T], v[:, row:row + T])
+            qs = q[None, :, row:row + T]   # [1, heads, T, D]: SDPA takes its fused CPU kernel only for 4-D inputs
+            if T == 1:
+                # One new token sees every cached one, so the query heads of a group can be stacked as rows:
+                # no mask and no K/V copies per head.
+                o = F.scaled_dot_product_attention(qs.reshape(1, G, H // G, D), keys, values).reshape(1, H, 1, D)
+            elif start == 0:
+                o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
+            else:
+                # is_causal aligns the mask top-left; with a cached prefix row i sees keys 0..start+i.
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
+            out.append(o[0].transpose(0, 1).reshape(T, H * D))
+            row += T
+        return linear(self.dense, out[0] if len(out) == 1 else torch.cat(out))
 
 
 class MLP(nn.Module):
@@ -140,12 +138,63 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, spans: list[tuple[KVCache, int, int]]) -> Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, spans)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class ChatGLM(nn.Module):
+class SequenceVerbs(nn.Module):
+    """The verbs every native model offers over its `hidden(segments)` and `output(hidden)`: `forward` (the logits
+    of each segment's last id), `logits` of every id of one sequence, and the single-sequence `prefill` /
+    `decode_one_token` on a cache of the model's own. A model also gives `new_cache`, `prepare(cache, ids)` (cut a
+    cache back to what stays exact for ids) and `first_chunk` (the fewest ids the next run must take)."""
+
+    cache: KVCache | None = None   # the single-sequence verbs' own
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return self.cache.ids if self.cache is not None else []
+
+    @torch.inference_mode()
+    def forward(self, segments: list[Segment]) -> Tensor:
+        """Logits [len(segments), output rows] (float32) of the last id of each segment."""
+        hidden = self.hidden(segments)
+        last = torch.tensor([len(ids) for _, ids in segments]).cumsum(0) - 1
+        return self.output(hidden[last.to(hidden.device)]).float()
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> Tensor:
+        """Logits [len(ids), output rows] of every position of ids alone (a cache of their own, dropped after)."""
+        if not ids:
+            raise ValueError("logits() needs at least one id")
+        cache = self.new_cache()
+        self.prepare(cache, ids)
+        return self.output(self.hidden([(cache, ids)])).float()
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> Tensor:
+        """Run ids on the model's own cache, reusing what it holds of them; the logits after the last one."""
+        if not ids:
+            raise ValueError("prefill() needs at least one id")
+        self.cache = self.cache or self.new_cache()
+        pending = ids[self.prepare(self.cache, ids):]
+        while pending:
+            n = max(PREFILL_CHUNK, self.first_chunk(self.cache, pending))
+            logits = self.forward([(self.cache, pending[:n])])
+            pending = pending[n:]
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode_one_token(self, token: int) -> Tensor:
+        if not self.cached_ids:
+            raise RuntimeError("decode_one_token() needs a prefill() first")
+        return self.forward([(self.cache, [token])])[0]
+
+    def reset_cache(self) -> None:
+        self.cache = None
+
+
+class ChatGLM(SequenceVerbs):
     def __init__(self, config: GLMConfig):
         super().__init__()
         self.config = config
@@ -161,8 +210,6 @@ class ChatGLM(nn.Module):
                             for name in ("self_attention.query_key_value", "self_attention.dense",
                                          "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")]
         self.output_layers = ["transformer.output_layer"]   # quantized too when quantizing from full precision
-        self.kv_cache: Tensor | None = None     # [num_layers, 2, kv_groups, capacity, head_dim]
-        self.cached_ids: list[int] = []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -173,59 +220,39 @@ class ChatGLM(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.encoder.final_layernorm.weight.device
 
-    def hidden(self, ids: list[int], start: int, use_cache: bool) -> Tensor:
-        """Final-normed hidden states [len(ids), hidden] of ids placed at positions start.."""
-        x = self.transformer.embedding.word_embeddings(torch.tensor(ids, device=self.device)).to(self.dtype)
-        cos, sin = rotary(self.config, start, len(ids), self.dtype, self.device)
+    def new_cache(self) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.kv_groups, c.head_dim, c.seq_length, self.dtype, self.device)
+
+    def prepare(self, cache: KVCache, ids: list[int]) -> int:
+        """Cut the cache back to the positions that stay exact for ids (their common prefix; the last id always runs,
+        its logits are the answer) and return how many are kept."""
+        cache.check(len(ids))
+        keep = min(common_prefix(cache.ids, ids), len(ids) - 1)
+        cache.truncate(keep)
+        return keep
+
+    def first_chunk(self, cache: KVCache, ids: list[int]) -> int:
+        """Any chunking of a causal prompt is exact."""
+        return 1
+
+    def hidden(self, segments: list[Segment]) -> Tensor:
+        """Final-normed hidden states [rows, hidden] of every segment's ids, their keys and values stored in the
+        segment's cache after what it held (which then holds them too)."""
+        for cache, ids in segments:
+            if not ids:
+                raise ValueError("a segment needs at least one id")
+            cache.reserve(len(cache.ids) + len(ids))
+        spans = [(cache, len(cache.ids), len(ids)) for cache, ids in segments]
+        all_ids = [i for _, ids in segments for i in ids]
+        positions = torch.cat([torch.arange(start, start + T) for _, start, T in spans]).to(self.device)
+        x = self.transformer.embedding.word_embeddings(torch.tensor(all_ids, device=self.device)).to(self.dtype)
+        cos, sin = rotary(self.config, positions, self.dtype)
         for i, layer in enumerate(self.transformer.encoder.layers):
-            cache = (self.kv_cache[i, 0], self.kv_cache[i, 1]) if use_cache else None
-            x = layer(x, cos, sin, cache, start)
+            x = layer(x, cos, sin, i, spans)
+        for cache, ids in segments:
+            cache.ids += ids
         return self.transformer.encoder.final_layernorm(x)
 
-    def reserve(self, n: int) -> None:
-        """Make room for n cached positions, growing by whole chunks up to seq_length."""
-        check_length(n, self.config)
-        capacity = 0 if self.kv_cache is None else self.kv_cache.shape[3]
-        if n <= capacity:
-            return
-        c = self.config
-        capacity = min(c.seq_length, -(-n // CACHE_CHUNK) * CACHE_CHUNK)
-        grown = torch.empty(c.num_layers, 2, c.kv_groups, capacity, c.head_dim, dtype=self.dtype, device=self.device)
-        kept = len(self.cached_ids)
-        if kept:
-            grown[:, :, :, :kept] = self.kv_cache[:, :, :, :kept]
-        self.kv_cache = grown
-
-    @torch.inference_mode()
-    def logits(self, ids: list[int]) -> Tensor:
-        check_length(len(ids), self.config)
-        return linear(self.transformer.output_layer, self.hidden(ids, 0, use_cache=False)).float()
-
-    @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> Tensor:
-        if not ids:
-            raise ValueError("prefill needs at least one id")
-        self.reserve(len(ids))
-        keep = 0
-        for cached, new in zip(self.cached_ids, ids[:-1]):     # the last id always runs: its logits are the answer
-            if cached != new:
-                break
-            keep += 1
-        self.cached_ids = self.cached_ids[:keep]
-        for start in range(keep, len(ids), PREFILL_CHUNK):
-            chunk = ids[start : start + PREFILL_CHUNK]
-            hidden = self.hidden(chunk, start, use_cache=True)
-            self.cached_ids += chunk
-        return linear(self.transformer.output_layer, hidden[-1:])[0].float()
-
-    @torch.inference_mode()
-    def decode_one_token(self, token: int) -> Tensor:
-        start = len(self.cached_ids)
-        self.reserve(start + 1)
-        hidden = self.hidden([token], start, use_cache=True)
-        self.cached_ids.append(token)
-        return linear(self.transformer.output_layer, hidden)[0].float()
-
-    def reset_cache(self) -> None:
-        self.kv_cache = None
-        self.cached_ids = []
+    def output(self, hidden: Tensor) -> Tensor:
+        return linear(self.transformer.output_layer, hidden)

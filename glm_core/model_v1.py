@@ -4,6 +4,8 @@ What sets v1 apart from v2/v3: LayerNorm and tanh-GELU, DeepNorm residuals (`LN(
 per-head interleaved qkv rows, 2-D rotary embeddings (first half of each head by position, second half by
 block position) and a prefix-LM mask: everything before the first <sop> sees everything before it, the
 rest is causal. The module tree mirrors the official parameter names, so a checkpoint loads by name.
+Segments, caches and the single-sequence verbs work as in model.py; a cache's `layout` is (context length, mask
+position) of the prompt it was started with.
 """
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import GLMConfig
-from .model import check_length, linear   # check_length raises model.ContextOverflowError
-
-CACHE_CHUNK = 256  # KV cache grows by this many positions at a time
+from .kvcache import KVCache, common_prefix
+from .model import Segment, SequenceVerbs, linear
 # The official GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never passes, so the
 # DeepNorm factor is √(2·28) whatever config.num_layers says (the tiny test checkpoint shows it).
 DEEPNORM_LAYERS = 28
@@ -82,23 +83,24 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * inner, bias=True)
         self.dense = nn.Linear(inner, config.hidden_size, bias=True)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
-        T = x.shape[0]
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int,
+                spans: list[tuple[KVCache, int, int, Tensor | None]]) -> Tensor:
+        """x [rows, hidden] of every segment; spans (cache, start, length, mask) as in model.SelfAttention."""
+        rows = x.shape[0]
         # Rows are per head [h0 q,k,v | h1 q,k,v | ...]; q and k are rotated in one go.
-        qkv = linear(self.query_key_value, x).view(T, self.num_heads, 3, self.head_dim)
-        qk = apply_rotary(qkv[:, :, :2].flatten(1, 2), cos, sin).view(T, self.num_heads, 2, self.head_dim)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # [1, heads, T, d]
-        if cache is not None:
-            k_cache, v_cache = cache
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+        qkv = linear(self.query_key_value, x).view(rows, self.num_heads, 3, self.head_dim)
+        qk = apply_rotary(qkv[:, :, :2].flatten(1, 2), cos, sin).view(rows, self.num_heads, 2, self.head_dim)
+        q, k, v = (t.transpose(0, 1) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))   # [heads, rows, d]
         # The official layer-wise scaling: q / (√d·(layer+1)), then scores·(layer+1) before the softmax.
         coeff = float(self.layer_id + 1)
         q = q / (math.sqrt(self.head_dim) * coeff)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=coeff)
-        return linear(self.dense, y[0].transpose(0, 1).reshape(T, -1))
+        out, row = [], 0
+        for cache, start, T, mask in spans:
+            keys, values = cache.store(layer, start, k[:, row:row + T], v[:, row:row + T])
+            y = F.scaled_dot_product_attention(q[None, :, row:row + T], keys, values, attn_mask=mask, scale=coeff)
+            out.append(y[0].transpose(0, 1).reshape(T, -1))
+            row += T
+        return linear(self.dense, out[0] if len(out) == 1 else torch.cat(out))
 
 
 class MLP(nn.Module):
@@ -120,16 +122,16 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.alpha = (2 * DEEPNORM_LAYERS) ** 0.5
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int,
+                spans: list[tuple[KVCache, int, int, Tensor | None]]) -> Tensor:
         # DeepNorm: the residual is the normalized input, scaled: f(LN(x)) + α·LN(x).
         x = self.input_layernorm(x)
-        h = torch.add(self.attention(x, cos, sin, mask, cache, start), x, alpha=self.alpha)
+        h = torch.add(self.attention(x, cos, sin, layer, spans), x, alpha=self.alpha)
         h = self.post_attention_layernorm(h)
         return torch.add(self.mlp(h), h, alpha=self.alpha)
 
 
-class ChatGLMv1(nn.Module):
+class ChatGLMv1(SequenceVerbs):
     def __init__(self, config: GLMConfig):
         super().__init__()
         if config.version != 1:
@@ -148,10 +150,6 @@ class ChatGLMv1(nn.Module):
                             for name in ("attention.query_key_value", "attention.dense",
                                          "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")]
         self.output_layers: list[str] = []   # lm_head is the embedding table, quantized with it
-        self.cached_ids: list[int] = []
-        self.context_length = 0       # of the cached ids
-        self.mask_position = 0        # of the cached ids
-        self.kv_cache: Tensor | None = None   # [layers, 2, 1, heads, capacity, head_dim]
         self.rotary: tuple[Tensor, Tensor] | None = None   # built on first use, where the weights live
 
     @property
@@ -163,84 +161,59 @@ class ChatGLMv1(nn.Module):
         """The compute dtype (quantized models keep an int8 embedding table: see checkpoint)."""
         return self.transformer.final_layernorm.weight.dtype
 
-    def hidden(self, ids: list[int], start: int, context_length: int, mask_position: int, use_cache: bool) -> Tensor:
-        """Final-normed hidden states [len(ids), hidden] of ids placed at positions start..; with use_cache
-        their K/V go into the cache after the start positions already there and attention reads all of it."""
-        device, T = self.device, len(ids)
+    def new_cache(self) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_heads, c.head_dim, c.seq_length, self.dtype, self.device)
+
+    def prepare(self, cache: KVCache, ids: list[int]) -> int:
+        """Cut the cache back to the positions that stay exact for ids and set its layout; return how many are kept.
+        Context K/V depend on the whole context (it is bidirectional), so the cache is reused only when ids keep
+        its context and its <sop>; the last id always runs (its logits are the answer)."""
+        cache.check(len(ids))
+        layout = context_layout(ids, self.config)
+        keep = 0
+        if cache.ids and cache.layout == layout:
+            common = common_prefix(cache.ids, ids)
+            keep = min(common, len(ids) - 1) if common > layout[0] else 0
+        cache.truncate(keep)
+        cache.layout = layout
+        return keep
+
+    def first_chunk(self, cache: KVCache, ids: list[int]) -> int:
+        """The fewest of ids the next run must take: the context and its <sop> in one run (bidirectional)."""
+        return max(1, cache.layout[0] + 1 - len(cache.ids))
+
+    def hidden(self, segments: list[Segment]) -> Tensor:
+        """Final-normed hidden states [rows, hidden] of every segment's ids (each cache prepared for its prompt),
+        their K/V stored in the cache after what it held."""
+        device = self.device
         if self.rotary is None or self.rotary[0].device != device:
             self.rotary = rotary_table(self.config, device)
         cos_table, sin_table = self.rotary
-        pos, block = position_ids(start, T, context_length, mask_position, device)
+        spans, positions, blocks = [], [], []
+        for cache, ids in segments:
+            if not ids:
+                raise ValueError("a segment needs at least one id")
+            if not cache.layout:
+                raise RuntimeError("a ChatGLM-6B cache needs prepare() with its prompt first")
+            cache.reserve(len(cache.ids) + len(ids))
+            start, T, (context_length, mask_position) = len(cache.ids), len(ids), cache.layout
+            pos, block = position_ids(start, T, context_length, mask_position, device)
+            positions.append(pos)
+            blocks.append(block)
+            mask = None if T == 1 else attention_mask(start, T, context_length, device)   # one new id sees all
+            spans.append((cache, start, T, mask))
+        pos, block = torch.cat(positions), torch.cat(blocks)
         cos = torch.stack((cos_table[pos], cos_table[block]), dim=1)[:, None, :, None, :]
         sin = torch.stack((sin_table[pos], sin_table[block]), dim=1)[:, None, :, None, :]
-        mask = None if T == 1 else attention_mask(start, T, context_length, device)   # one new id sees all
-        x = self.transformer.word_embeddings(torch.tensor(ids, dtype=torch.long, device=device)).to(self.dtype)
+        all_ids = [i for _, ids in segments for i in ids]
+        x = self.transformer.word_embeddings(torch.tensor(all_ids, dtype=torch.long, device=device)).to(self.dtype)
         with sdpa_kernel(ATTENTION_BACKENDS):
             for i, layer in enumerate(self.transformer.layers):
-                cache = (self.kv_cache[i, 0], self.kv_cache[i, 1]) if use_cache else None
-                x = layer(x, cos, sin, mask, cache, start)
+                x = layer(x, cos, sin, i, spans)
+        for cache, ids in segments:
+            cache.ids += ids
         return self.transformer.final_layernorm(x)
 
-    @torch.inference_mode()
-    def logits(self, ids: list[int]) -> Tensor:
-        if not ids:
-            raise ValueError("logits() needs at least one id")
-        check_length(len(ids), self.config)
-        context_length, mask_position = context_layout(ids, self.config)
-        hidden = self.hidden(ids, 0, context_length, mask_position, use_cache=False)
-        return linear(self.lm_head, hidden).float()
-
-    def reusable_prefix(self, ids: list[int], context_length: int, mask_position: int) -> int:
-        """How many cached positions stay exact for ids. Context K/V depend on the whole context
-        (it is bidirectional), so the cache is reused only when ids keep its context and its <sop>."""
-        if not self.cached_ids or (context_length, mask_position) != (self.context_length, self.mask_position):
-            return 0
-        common = 0
-        for a, b in zip(self.cached_ids, ids):
-            if a != b:
-                break
-            common += 1
-        if common <= context_length:
-            return 0
-        return min(common, len(ids) - 1)   # the last id always runs: its logits are the answer
-
-    def reserve(self, n: int) -> None:
-        """Room for n cached positions, grown in whole chunks up to seq_length; kept K/V are copied over."""
-        check_length(n, self.config)
-        if self.kv_cache is not None and self.kv_cache.shape[4] >= n:
-            return
-        c = self.config
-        capacity = min(c.seq_length, -(-n // CACHE_CHUNK) * CACHE_CHUNK)
-        grown = torch.empty(c.num_layers, 2, 1, c.num_heads, capacity, c.head_dim, dtype=self.dtype, device=self.device)
-        kept = len(self.cached_ids)
-        if kept:
-            grown[:, :, :, :, :kept] = self.kv_cache[:, :, :, :, :kept]
-        self.kv_cache = grown
-
-    @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> Tensor:
-        if not ids:
-            raise ValueError("prefill() needs at least one id")
-        context_length, mask_position = context_layout(ids, self.config)
-        self.reserve(len(ids))
-        keep = self.reusable_prefix(ids, context_length, mask_position)
-        self.cached_ids = self.cached_ids[:keep]
-        self.context_length, self.mask_position = context_length, mask_position
-        hidden = self.hidden(ids[keep:], keep, context_length, mask_position, use_cache=True)
-        self.cached_ids = list(ids)
-        return linear(self.lm_head, hidden[-1:])[0].float()
-
-    @torch.inference_mode()
-    def decode_one_token(self, token: int) -> Tensor:
-        if not self.cached_ids:
-            raise RuntimeError("decode_one_token() needs a prefill() first")
-        start = len(self.cached_ids)
-        self.reserve(start + 1)
-        hidden = self.hidden([token], start, self.context_length, self.mask_position, use_cache=True)
-        self.cached_ids.append(token)
-        return linear(self.lm_head, hidden)[0].float()
-
-    def reset_cache(self) -> None:
-        self.kv_cache = None
-        self.cached_ids = []
-        self.context_length = self.mask_position = 0
+    def output(self, hidden: Tensor) -> Tensor:
+        return linear(self.lm_head, hidden)

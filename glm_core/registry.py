@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def default_precision(path_or_name: str) -> str:
         return "fp32"
     known = describe(path_or_name)
     return f"int{known.stored_bits}" if known is not None and known.stored_bits < 16 else "bf16"
+
+
+def cache_root() -> Path:
+    """Where GLM Studio keeps what it can make again: GLM_STUDIO_CACHE, else ~/.cache/glm-studio."""
+    return Path(os.environ.get("GLM_STUDIO_CACHE") or Path.home() / ".cache" / "glm-studio")
 
 
 def embedded_gguf() -> Path | None:

@@ -1,15 +1,24 @@
-"""The database schema as numbered migrations (sqlite-utils' `Migrations`, the simonw/llm pattern).
+"""The database schema as numbered migrations (sqlite-utils' `Migrations`, the simonw/llm pattern),
+and the values its columns and the conversations export take.
 
 Each migration is a plain function, applied once, in order, and recorded by name in the
 `_sqlite_migrations` table. Never edit a released migration: add the next number instead.
 A database that records a migration this code does not know was written by a newer version;
-it is refused before anything is written to it.
+it is refused before anything is written to it. A migration that changes what a conversation or a
+message holds also changes the export: bump EXPORT_VERSION.
 """
 
 from contextlib import contextmanager
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
+
+
+ROLES = ("system", "user", "assistant", "observation")
+FINISH_REASONS = ("stop", "length", "stopped", "error")  # "stopped": by the user
+MESSAGE_STATS = ("prompt_tokens", "new_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s")
+EXPORT_FORMAT = "glm-studio-conversations"
+EXPORT_VERSION = 1
 
 
 class NewerSchemaError(RuntimeError):

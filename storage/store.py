@@ -4,6 +4,9 @@ and benchmark runs, in one SQLite file through sqlite-utils.
 One `Store` is shared by every Streamlit session thread: it holds one connection
 (check_same_thread=False) behind a lock; WAL mode and a busy timeout let other processes read and
 write the same file at the same time.
+
+Every method that reads or changes a conversation or its messages takes its owner, and checks it
+with the read or the write itself; see storage/__init__.py.
 """
 
 import json
@@ -16,25 +19,54 @@ import uuid
 import weakref
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 from sqlite_utils import Database
 
-from .schema import NewerSchemaError, check_not_newer, migrate, write_transaction
+from .imports import Conversation, any_object, max_import_bytes, read_export
+from .schema import (
+    EXPORT_FORMAT, EXPORT_VERSION, FINISH_REASONS, MESSAGE_STATS, ROLES,
+    NewerSchemaError, check_not_newer, migrate, write_transaction,
+)
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "observation")
-FINISH_REASONS = ("stop", "length", "stopped", "error")  # "stopped": by the user
-MESSAGE_STATS = ("prompt_tokens", "new_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s")
 CONVERSATION_FIELDS = ("title", "model", "precision", "system_prompt", "params")
 BENCH_COLUMNS = (
     "model", "precision", "prompt_tokens", "new_tokens", "load_s", "peak_rss_gb",
     "prefill_tok_s", "decode_tok_s", "ttft_s", "top1_agreement", "mean_kl", "perplexity",
 )
 BENCH_STATUSES = ("done", "stopped", "error")
-EXPORT_FORMAT = "glm-studio-conversations"
-EXPORT_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
+IMPORT_BATCH_CONVERSATIONS = 50
+IMPORT_BATCH_CHARS = 2_000_000
+
+
+class Everyone:
+    """The type of EVERYONE, a sentinel no visitor id can equal."""
+
+    def __repr__(self):
+        return "EVERYONE"
+
+
+EVERYONE = Everyone()  # the owner the operator's read-only view passes: everyone's conversations
+
+
+class NotOwnerError(PermissionError):
+    """No such conversation of this owner. The same whether it does not exist or is someone else's,
+    so that a visitor cannot find out which ids exist."""
+
+
+def check_owner(owner: object, reading: bool = False):
+    """`owner` must be a visitor id; EVERYONE only for reading."""
+    if owner is EVERYONE:
+        if reading:
+            return
+        raise NotOwnerError("EVERYONE can read conversations, not change them")
+    if not isinstance(owner, str):
+        raise TypeError(f"owner must be a visitor id (a string), not {owner!r}")
+    if not owner:
+        raise ValueError("owner must be a visitor id, not empty")
 
 
 def default_db_path() -> Path:
@@ -107,6 +139,21 @@ def message_record(role: str, content: str, finish_reason: str | None, stats: di
     return {"role": role, "content": content, **message_fields(finish_reason, stats, error)}
 
 
+def batches(conversations: list[Conversation]) -> Iterator[list[Conversation]]:
+    """Import batches: at most IMPORT_BATCH_CONVERSATIONS conversations, and IMPORT_BATCH_CHARS of
+    text unless one conversation alone has more."""
+    batch, chars = [], 0
+    for conv, messages in conversations:
+        size = sum(len(m["content"]) for m in messages)
+        if batch and (len(batch) == IMPORT_BATCH_CONVERSATIONS or chars + size > IMPORT_BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append((conv, messages))
+        chars += size
+    if batch:
+        yield batch
+
+
 def snippet(text: str, terms: list[str], width: int = 120) -> str:
     lowered = text.lower()
     hits = [lowered.find(t.lower()) for t in terms if t.lower() in lowered]
@@ -159,8 +206,24 @@ class Store:
 
     # conversations
 
+    def _conversation(self, conversation_id: str, owner: str, reading: bool = False) -> dict:
+        """The conversation's row if `owner` may read it (reading) or change it. Call holding the lock,
+        inside the write's transaction when changing it."""
+        check_owner(owner, reading)
+        rows = list(self.db["conversations"].rows_where("id = ?", [conversation_id]))
+        if not rows or (owner is not EVERYONE and rows[0]["owner"] != owner):
+            raise NotOwnerError(f"no conversation {conversation_id!r} of yours")
+        return rows[0]
+
+    def conversation_owner(self, conversation_id: str) -> str | None:
+        """Whose conversation this is (None: there is no such conversation), for the app's own checks."""
+        with self._lock:
+            rows = list(self.db["conversations"].rows_where("id = ?", [conversation_id], select="owner"))
+        return rows[0]["owner"] if rows else None
+
     def create_conversation(self, owner: str, title: str = "", model: str = "", precision: str = "",
                             system_prompt: str = "", params: dict | None = None) -> str:
+        check_owner(owner)
         stamp = now()
         record = {"id": uuid.uuid4().hex, "owner": owner, "title": title, "model": model, "precision": precision,
                   "system_prompt": system_prompt, "params": params or {}, "created_at": stamp, "updated_at": stamp}
@@ -168,73 +231,87 @@ class Store:
             self.db["conversations"].insert(record)
         return record["id"]
 
-    def list_conversations(self, owner: str | None = None) -> list[dict]:
-        """Newest first; owner None lists everyone's (the admin view)."""
-        where, args = ("owner = ?", [owner]) if owner is not None else (None, None)
+    def list_conversations(self, owner: str) -> list[dict]:
+        """Newest first; EVERYONE lists everyone's."""
+        check_owner(owner, reading=True)
+        where, args = (None, None) if owner is EVERYONE else ("owner = ?", [owner])
         with self._lock:
             rows = list(self.db["conversations"].rows_where(where, args, order_by="updated_at desc, rowid desc"))
         return [decode_json(row, "params") for row in rows]
 
-    def get_conversation(self, conversation_id: str) -> dict | None:
+    def get_conversation(self, conversation_id: str, owner: str) -> dict:
         with self._lock:
-            rows = list(self.db["conversations"].rows_where("id = ?", [conversation_id]))
-        return decode_json(rows[0], "params") if rows else None
+            return decode_json(self._conversation(conversation_id, owner, reading=True), "params")
 
-    def update_conversation(self, conversation_id: str, **fields):
+    def update_conversation(self, conversation_id: str, owner: str, **fields):
         unknown = set(fields) - set(CONVERSATION_FIELDS)
         if unknown:
             raise TypeError(f"unknown conversation fields {sorted(unknown)}; known: {CONVERSATION_FIELDS}")
-        with self._lock:
+        with self._lock, write_transaction(self.db):
+            self._conversation(conversation_id, owner)
             self.db["conversations"].update(conversation_id, {**fields, "updated_at": now()})
 
-    def rename_conversation(self, conversation_id: str, title: str):
-        self.update_conversation(conversation_id, title=title)
+    def rename_conversation(self, conversation_id: str, owner: str, title: str):
+        self.update_conversation(conversation_id, owner, title=title)
 
-    def delete_conversation(self, conversation_id: str) -> bool:
+    def delete_conversation(self, conversation_id: str, owner: str):
         """Delete a conversation and its messages for good: rows, search index entries, and (with
         secure_delete, an FTS optimize and a WAL checkpoint) their bytes in the file."""
         with self._lock:
             with write_transaction(self.db):
-                existed = self.db["conversations"].count_where("id = ?", [conversation_id]) > 0
-                self.db["messages"].delete_where("conversation_id = ?", [conversation_id])
-                self.db["conversations"].delete_where("id = ?", [conversation_id])
+                self._conversation(conversation_id, owner)
+                self._delete([conversation_id])
             self.db["messages"].optimize()  # rewrites the index without the deleted entries
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return existed
+
+    def _delete(self, conversation_ids: list[str]):
+        """Delete conversations and their messages. Call inside a write transaction."""
+        ids = [(cid,) for cid in conversation_ids]
+        self.db.conn.executemany("delete from messages where conversation_id = ?", ids)
+        self.db.conn.executemany("delete from conversations where id = ?", ids)
 
     # messages
 
-    def messages(self, conversation_id: str) -> list[dict]:
+    def messages(self, conversation_id: str, owner: str) -> list[dict]:
         with self._lock:
-            rows = list(self.db["messages"].rows_where("conversation_id = ?", [conversation_id], order_by="id"))
+            self._conversation(conversation_id, owner, reading=True)
+            return self._messages(conversation_id)
+
+    def _messages(self, conversation_id: str) -> list[dict]:
+        rows = self.db["messages"].rows_where("conversation_id = ?", [conversation_id], order_by="id")
         return [decode_json(row, "stats") for row in rows]
 
-    def add_message(self, conversation_id: str, role: str, content: str, finish_reason: str | None = None,
+    def add_message(self, conversation_id: str, owner: str, role: str, content: str, finish_reason: str | None = None,
                     stats: dict | None = None, error: str | None = None) -> int:
         stamp = now()
         record = message_record(role, content, finish_reason, stats, error)
         record.update(conversation_id=conversation_id, created_at=stamp, updated_at=stamp)
         with self._lock, write_transaction(self.db):
+            self._conversation(conversation_id, owner)
             message_id = self.db["messages"].insert(record).last_pk
             self.db["conversations"].update(conversation_id, {"updated_at": record["updated_at"]})
         return message_id
 
-    def delete_messages_from(self, message_id: int) -> int:
-        """Delete a message and every later one of its conversation (regenerate, edit and resend).
+    def delete_messages_from(self, conversation_id: str, owner: str, message_id: int) -> int:
+        """Delete a message of the conversation and every later one (regenerate, edit and resend);
+        returns how many (0 when the message is not in that conversation).
         Their rows are overwritten; unlike delete_conversation it skips the index merge, which
         grows with the whole history, so index entries linger until SQLite merges them."""
         with self._lock, write_transaction(self.db):
-            rows = list(self.db["messages"].rows_where("id = ?", [message_id], select="conversation_id"))
-            if not rows:
+            self._conversation(conversation_id, owner)
+            if not self.db["messages"].count_where("conversation_id = ? and id = ?", [conversation_id, message_id]):
                 return 0
-            where, args = "conversation_id = ? and id >= ?", [rows[0]["conversation_id"], message_id]
+            where, args = "conversation_id = ? and id >= ?", [conversation_id, message_id]
             count = self.db["messages"].count_where(where, args)
             self.db["messages"].delete_where(where, args)
         return count
 
-    def begin_reply(self, conversation_id: str, flush_seconds: float = 1.0, flush_deltas: int = 32) -> "ReplyWriter":
-        """Start an assistant reply, saved while it streams; see ReplyWriter."""
-        reply = ReplyWriter(self, self.add_message(conversation_id, "assistant", ""), flush_seconds, flush_deltas)
+    def begin_reply(self, conversation_id: str, owner: str, flush_seconds: float = 1.0,
+                    flush_deltas: int = 32) -> "ReplyWriter":
+        """Start an assistant reply, saved while it streams; see ReplyWriter. The owner is checked
+        here; the reply's saves go by its message id."""
+        message_id = self.add_message(conversation_id, owner, "assistant", "")
+        reply = ReplyWriter(self, message_id, flush_seconds, flush_deltas)
         self._replies.add(reply)
         return reply
 
@@ -250,15 +327,16 @@ class Store:
 
     # search
 
-    def search(self, owner: str | None, query: str, limit: int = 50) -> list[dict]:
+    def search(self, owner: str, query: str, limit: int = 50) -> list[dict]:
         """Messages containing every word of `query` (any case), best match first (newest first when a
-        word is shorter than 3 characters); owner None searches everyone's.
+        word is shorter than 3 characters); EVERYONE searches everyone's.
         Hits: conversation_id, title, message_id, role, snippet."""
+        check_owner(owner, reading=True)
         terms = query.replace('"', " ").split()
         if not terms:
             return []
-        where, args = ("conversation_id in (select id from conversations where owner = :owner)",
-                       {"owner": owner}) if owner is not None else (None, {})
+        where, args = (None, {}) if owner is EVERYONE else (
+            "conversation_id in (select id from conversations where owner = :owner)", {"owner": owner})
         columns = ["id", "conversation_id", "role", "content"]
         with self._lock:
             if all(len(t) >= 3 for t in terms):
@@ -276,59 +354,71 @@ class Store:
 
     # export / import
 
-    def _select_conversations(self, conversation_ids: list[str] | None, owner: str | None) -> list[dict]:
-        clauses, args = [], []
-        if owner is not None:
-            clauses, args = ["owner = ?"], [owner]
+    def _select_conversations(self, owner: str, conversation_ids: list[str] | None) -> list[dict]:
+        check_owner(owner, reading=True)
+        clauses, args = ([], []) if owner is EVERYONE else (["owner = ?"], [owner])
         if conversation_ids is not None:
             clauses.append(f"id in ({', '.join('?' * len(conversation_ids))})")
             args += list(conversation_ids)
-        return list(self.db["conversations"].rows_where(" and ".join(clauses) or None, args,
+        rows = list(self.db["conversations"].rows_where(" and ".join(clauses) or None, args,
                                                         order_by="created_at, rowid"))
+        found = {row["id"] for row in rows}
+        for cid in conversation_ids or []:
+            if cid not in found:
+                raise NotOwnerError(f"no conversation {cid!r} of yours")
+        return rows
 
-    def export_conversations(self, conversation_ids: list[str] | None = None, owner: str | None = None) -> dict:
-        """A JSON-ready dict of the chosen conversations (all when None) restricted to `owner`
-        (None: anyone's). Owners are left out: an import takes the importer's."""
+    def export_conversations(self, owner: str, conversation_ids: list[str] | None = None) -> dict:
+        """A JSON-ready dict of the owner's conversations (EVERYONE: anyone's), or of those chosen.
+        Owners are left out: an import takes the importer's."""
         with self._lock:
             conversations = []
-            for conv in self._select_conversations(conversation_ids, owner):
+            for conv in self._select_conversations(owner, conversation_ids):
                 conv.pop("owner")
                 conv["messages"] = [{k: v for k, v in m.items() if k not in ("id", "conversation_id")}
-                                    for m in self.messages(conv["id"])]
+                                    for m in self._messages(conv["id"])]
                 conversations.append(decode_json(conv, "params"))
         return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "conversations": conversations}
 
-    def import_conversations(self, data: dict | str | bytes, owner: str) -> list[str]:
-        """Import an export (dict or JSON text) for `owner`, all or nothing. Conversations keep
+    def import_conversations(self, data: dict | str | bytes, owner: str,
+                             validate_params: Callable[[object], dict] = any_object,
+                             max_bytes: int | None = None) -> list[str]:
+        """Import an export (a dict, or JSON text of at most `max_bytes` bytes, by default
+        $GLM_STUDIO_MAX_IMPORT_MB or MAX_IMPORT_BYTES) for `owner`, all or nothing; returns the new ids.
+        The whole document is checked first (InvalidImport says what is wrong; `validate_params(obj)
+        -> dict` checks each conversation's params, raising ValueError), then written a batch of
+        conversations per transaction, so that other visitors' replies are saved in between.
+        Every field of the export format is required, and no other is accepted. Conversations keep
         their ids, timestamps and stats, so exporting them again gives the same export; an id
         already in this database gets a fresh one (the import is then a copy)."""
-        if isinstance(data, (str, bytes)):
-            data = json.loads(data)
-        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-            raise ValueError("not a GLM Studio conversations export")
-        if data.get("version") != EXPORT_VERSION:
-            raise ValueError(f"unsupported export version {data.get('version')!r}; this version reads {EXPORT_VERSION}")
+        check_owner(owner)
+        conversations = read_export(data, validate_params, max_import_bytes() if max_bytes is None else max_bytes)
+        written = []
+        try:
+            for batch in batches(conversations):
+                written += self._import_batch(batch, owner)
+        except BaseException as e:  # also a stop (Streamlit's StopException): all or nothing
+            with self._lock, write_transaction(self.db):
+                self._delete(written)
+            if not isinstance(e, Exception):
+                raise
+            raise RuntimeError(f"the import failed while writing and was undone: {e}") from e
+        return written
+
+    def _import_batch(self, batch: list[Conversation], owner: str) -> list[str]:
         ids = []
         with self._lock, write_transaction(self.db):
-            try:
-                for conv in data["conversations"]:
-                    cid = conv["id"]
-                    if self.db["conversations"].count_where("id = ?", [cid]):
-                        cid = uuid.uuid4().hex
-                    self.db["conversations"].insert({"id": cid, "owner": owner, "created_at": conv["created_at"],
-                                                     "updated_at": conv["updated_at"],
-                                                     **{k: conv[k] for k in CONVERSATION_FIELDS}})
-                    for m in conv["messages"]:
-                        record = message_record(m["role"], m["content"], m["finish_reason"], m["stats"], m["error"])
-                        record.update({k: m[k] for k in MESSAGE_STATS + ("created_at", "updated_at")})
-                        self.db["messages"].insert({**record, "conversation_id": cid})
-                    ids.append(cid)
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"malformed GLM Studio export: {e!r}") from e
+            for conv, messages in batch:
+                cid = conv["id"]
+                if self.db["conversations"].count_where("id = ?", [cid]):
+                    cid = uuid.uuid4().hex
+                self.db["conversations"].insert({**conv, "id": cid, "owner": owner})
+                self.db["messages"].insert_all({**m, "conversation_id": cid} for m in messages)
+                ids.append(cid)
         return ids
 
-    def export_markdown(self, conversation_ids: list[str] | None = None, owner: str | None = None) -> str:
-        conversations = self.export_conversations(conversation_ids, owner)["conversations"]
+    def export_markdown(self, owner: str, conversation_ids: list[str] | None = None) -> str:
+        conversations = self.export_conversations(owner, conversation_ids)["conversations"]
         return "\n\n---\n\n".join(markdown(conv) for conv in conversations) + "\n"
 
     # benchmark runs
@@ -419,14 +509,18 @@ class ReplyWriter:
         self.unsaved = 0
         self.last_flush = time.monotonic()
 
-    def finish(self, finish_reason: str = "stop", stats: dict | None = None, error: str | None = None):
+    def finish(self, finish_reason: str = "stop", stats: dict | None = None, error: str | None = None,
+               content: str | None = None):
         """Save the whole reply with why it ended (stop, length, stopped, error) and its stats
-        (e.g. glm_core's ReplyStats.to_dict(): prompt_tokens, new_tokens, ttft_s, decode_tok_s, ...)."""
+        (e.g. glm_core's ReplyStats.to_dict(): prompt_tokens, new_tokens, ttft_s, decode_tok_s, ...);
+        `content` replaces the streamed text when the final reply differs (a model's clean-up)."""
         final = message_fields(finish_reason, stats, error)
         with self._lock:
             if self.finished:
                 raise RuntimeError(f"reply {self.message_id} is already finished")
             self.finished = True
+            if content is not None:
+                self.parts = [content]
             self._flush(final)
 
     def __enter__(self) -> "ReplyWriter":

@@ -10,6 +10,10 @@ os.environ["GLM_STUDIO_DB"] = str(Path(tempfile.mkdtemp(prefix="glm-studio-test-
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("GLM_STUDIO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+# The fixture checkpoints are the models the operator may load from a path (GLM_STUDIO_MODELS_DIR).
+os.environ["GLM_STUDIO_MODELS_DIR"] = str(FIXTURES)
+# One cache for the run and the servers it starts (the embedded model is dequantized once), not the user's.
+os.environ.setdefault("GLM_STUDIO_CACHE", tempfile.mkdtemp(prefix="glm-studio-cache-"))
 
 
 @pytest.fixture(scope="session")
@@ -21,12 +25,9 @@ def embedded_engine():
 
 @pytest.fixture
 def store():
-    """The same SQLite file the app under test writes to."""
-    from storage import open_store
-    s = open_store()
-    yield s
-    s.close()
-
+    """The same store the app under test writes to (the process-wide one)."""
+    from app import runtime
+    return runtime.store()
 
 
 @pytest.fixture(scope="module")

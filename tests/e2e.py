@@ -14,6 +14,8 @@ from pathlib import Path
 from conftest import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
+OPERATOR_SECRET = "operator-secret-for-tests"   # GLM_STUDIO_ADMIN_PASSWORD of the servers the tests start
+SERVER_PIDS: dict[str, int] = {}                  # url -> the process of a server streamlit_server started
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -30,6 +32,10 @@ def ensure_chromium() -> str:
     return CHROMIUM
 
 
+def server_log(url: str) -> str:
+    return (ARTIFACTS / f"server-{url.rsplit(':', 1)[1]}.log").read_text(errors="replace")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,14 +44,18 @@ def free_port() -> int:
 
 @contextmanager
 def streamlit_server(env: dict | None = None, timeout: float = 120):
+    """`streamlit run Home.py` on a free loopback port (the README's command); yields its URL. The log is kept
+    in test-artifacts/."""
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / f"server-{port}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GLM_STUDIO_ADMIN_PASSWORD": OPERATOR_SECRET, **(env or {})},
+        stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    SERVER_PIDS[url] = proc.pid
     try:
         deadline = time.time() + timeout
         while True:
@@ -58,6 +68,7 @@ def streamlit_server(env: dict | None = None, timeout: float = 120):
                 time.sleep(0.5)
         yield url
     finally:
+        SERVER_PIDS.pop(url, None)
         proc.terminate()
         try:
             proc.wait(timeout=20)

@@ -1,9 +1,12 @@
 """Page logic of every page through streamlit's AppTest: the real app, store and embedded model."""
 import json
+import re
+import time
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app.safe_markdown import plain_text
 from conftest import ROOT
 from glm_core import GenerationParams
 
@@ -19,6 +22,11 @@ def app(page: str | None = None, **state) -> AppTest:
         at.switch_page(page).run()
     assert not at.exception, at.exception
     return at
+
+
+def shown(element) -> str:
+    """An element's text as the visitor reads it (untrusted text is shown with its Markdown escaped)."""
+    return re.sub(r"\\(.)", r"\1", element.value)
 
 
 def button(at: AppTest, label: str):
@@ -42,44 +50,44 @@ def test_chat_saves_the_conversation_and_lists_it(store):
     send(at, "What is the capital of France?")
     conversations = store.list_conversations("visitor-a")
     assert len(conversations) == 1 and conversations[0]["title"] == "What is the capital of France?"
-    messages = store.messages(conversations[0]["id"])
+    messages = store.messages(conversations[0]["id"], "visitor-a")
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[1]["content"] and messages[1]["finish_reason"] in ("stop", "length")
     assert messages[1]["new_tokens"] > 0 and messages[1]["ttft_s"] > 0
-    assert any(b.label == "What is the capital of France?" for b in at.sidebar.button)
-    assert any("Context:" in p.proto.text for p in at.get("progress"))
+    assert any(b.label == plain_text("What is the capital of France?") for b in at.sidebar.button)
+    assert any("Context" in p.proto.text and "tokens" in p.proto.text for p in at.get("progress"))
 
     # Another visitor does not see it.
     other = app("app_pages/chat.py", visitor="visitor-b")
-    assert not any(b.label == "What is the capital of France?" for b in other.sidebar.button)
+    assert not any(b.label == plain_text("What is the capital of France?") for b in other.sidebar.button)
 
 
 def test_regenerate_edit_rename_clear_and_delete(store):
     at = app("app_pages/chat.py", visitor="visitor-c", new_chat_params=GREEDY)
     send(at, "Name a colour.")
     cid = at.session_state["conversation"]
-    first = store.messages(cid)[1]["created_at"]
+    first = store.messages(cid, "visitor-c")[1]["created_at"]
     button(at, "Regenerate").click().run()
     assert not at.exception
-    messages = store.messages(cid)
+    messages = store.messages(cid, "visitor-c")
     assert len(messages) == 2 and messages[1]["created_at"] != first      # the old reply was replaced
 
     button(at, "Edit").click().run()
     at.text_area(key=f"edit-{messages[0]['id']}").set_value("Name a fruit.").run()
     button(at, "Resend").click().run()
     assert not at.exception
-    messages = store.messages(cid)
+    messages = store.messages(cid, "visitor-c")
     assert [m["content"] for m in messages][:1] == ["Name a fruit."] and len(messages) == 2
 
     at.text_input(key=f"title-{cid}").set_value("Fruit talk").run()
     button(at, "Rename").click().run()
-    assert store.get_conversation(cid)["title"] == "Fruit talk"
+    assert store.get_conversation(cid, "visitor-c")["title"] == "Fruit talk"
 
     button(at, "Clear messages").click().run()
-    assert store.messages(cid) == []
+    assert store.messages(cid, "visitor-c") == []
 
     button(at, "Delete conversation").click().run()
-    assert store.get_conversation(cid) is None
+    assert store.conversation_owner(cid) is None
     assert at.session_state["conversation"] is None
 
 
@@ -88,7 +96,7 @@ def test_system_prompt_is_saved_with_the_conversation(store):
     send(at, "Hello")
     cid = at.session_state["conversation"]
     at.text_area(key=f"system-{cid}").set_value("Answer in one word.").run()
-    assert store.get_conversation(cid)["system_prompt"] == "Answer in one word."
+    assert store.get_conversation(cid, "visitor-d")["system_prompt"] == "Answer in one word."
 
 
 def test_parameters_presets_and_form_save_to_the_conversation(store):
@@ -98,17 +106,17 @@ def test_parameters_presets_and_form_save_to_the_conversation(store):
     at.switch_page("app_pages/parameters.py").run()
     assert not at.exception
     button(at, "Creative").click().run()
-    saved = store.get_conversation(cid)["params"]
+    saved = store.get_conversation(cid, "visitor-e")["params"]
     assert saved["do_sample"] is True and saved["temperature"] == 1.1
     at.slider(key="param-temperature").set_value(0.3)
     at.number_input(key="param-seed").set_value(42)
     button(at, "Apply").click().run()
-    saved = store.get_conversation(cid)["params"]
+    saved = store.get_conversation(cid, "visitor-e")["params"]
     assert saved["temperature"] == pytest.approx(0.3) and saved["seed"] == 42
 
 
 def test_models_page_lists_the_registry_and_refuses_what_cannot_be():
-    at = app("app_pages/models.py")
+    at = app("app_pages/models.py", role="operator")
     table = at.dataframe[0].value
     assert {"chatglm2-6b", "chatglm3-6b-32k", "smollm2-135m-instruct"} <= set(table["model"])
     at.selectbox[0].set_value("chatglm2-6b-int4").run()
@@ -117,34 +125,60 @@ def test_models_page_lists_the_registry_and_refuses_what_cannot_be():
     assert any("stored as INT4" in c.value for c in at.caption)
 
 
+def settled(at: AppTest) -> AppTest:
+    """Wait until the model service loads nothing, and draw the page again."""
+    from app import runtime
+    deadline = time.time() + 300
+    while runtime.models().loading and time.time() < deadline:
+        time.sleep(0.2)
+    return at.run()
+
+
+def loaded_after(at: AppTest, label: str = "Load") -> AppTest:
+    """Click Load once the model service is idle, wait for the load to end, and draw the page again."""
+    button(settled(at), label).click().run()
+    return settled(at)
+
+
 def test_models_page_switches_to_a_local_checkpoint_and_back():
-    at = app("app_pages/models.py")
+    at = app("app_pages/models.py", role="operator")
     at.selectbox[0].set_value("Local directory, .gguf file or Hub id ...").run()
     from conftest import FIXTURES
     at.text_input[0].set_value(str(FIXTURES / "v3")).run()
     next(r for r in at.radio if r.label == "Precision").set_value("fp32").run()
-    button(at, "Load").click().run()
+    loaded_after(at)
     assert not at.exception
-    assert any("is loaded" in s.value for s in at.success), [e.value for e in at.error]
+    assert any("Loaded:" in shown(s) and "v3" in shown(s) for s in at.success), [e.value for e in at.error]
     home = app()
-    assert any(str(FIXTURES / "v3") in m.value for m in home.markdown)
+    assert any("v3" in m.value for m in home.markdown)
     at.selectbox[0].set_value("smollm2-135m-instruct").run()
     next(r for r in at.radio if r.label == "Precision").set_value("fp32").run()
-    button(at, "Load").click().run()
-    assert any("is loaded" in s.value for s in at.success)
+    loaded_after(at)
+    assert any("Loaded:" in shown(s) and "smollm2" in shown(s) for s in at.success)
 
 
-def test_a_missing_directory_is_a_clear_error_and_the_app_keeps_running():
-    at = app("app_pages/models.py")
+def test_a_failed_load_is_a_clear_error_and_the_previous_model_comes_back():
+    from conftest import FIXTURES
+    at = app("app_pages/models.py", role="operator")
     at.selectbox[0].set_value("Local directory, .gguf file or Hub id ...").run()
-    at.text_input[0].set_value("/nonexistent/chatglm2-6b").run()
-    button(at, "Load").click().run()
+    at.text_input[0].set_value(str(FIXTURES / "no-such-checkpoint")).run()
+    loaded_after(at)
     assert not at.exception
-    assert any("Loading failed" in e.value for e in at.error)
-    at.selectbox[0].set_value("smollm2-135m-instruct").run()
-    next(r for r in at.radio if r.label == "Precision").set_value("fp32").run()
-    button(at, "Load").click().run()
-    assert any("is loaded" in s.value for s in at.success)
+    assert any("no-such-checkpoint" in shown(e) and "loaded again" in shown(e) for e in at.error), \
+        [e.value for e in at.error]
+    assert any("Loaded:" in shown(s) and "smollm2" in shown(s) for s in at.success)
+
+
+def test_guests_see_the_model_but_cannot_load_and_paths_outside_the_models_dir_are_refused():
+    guest = app("app_pages/models.py")
+    assert not any(b.label == "Load" for b in guest.button) and not guest.main.text_input and not guest.main.radio
+    at = app("app_pages/models.py", role="operator")
+    at.selectbox[0].set_value("Local directory, .gguf file or Hub id ...").run()
+    for path in ("/etc/shadow", "/nonexistent/chatglm2-6b"):
+        at.text_input[0].set_value(path).run()
+        assert any("is none of these" in shown(e) for e in at.error)
+        assert not any("Needs about" in c.value for c in at.caption)   # says nothing of the file
+        assert button(at, "Load").disabled
 
 
 def test_password_gate(monkeypatch):
@@ -163,13 +197,13 @@ def test_password_gate(monkeypatch):
 def test_export_json_round_trips_through_import(store):
     at = app("app_pages/chat.py", visitor="visitor-f", new_chat_params=GREEDY)
     send(at, "Count to three.")
-    exported = store.export_conversations(owner="visitor-f")
+    exported = store.export_conversations("visitor-f")
     assert len(exported["conversations"]) == 1 and len(exported["conversations"][0]["messages"]) == 2
     labels = [b.label for b in at.get("download_button")] if at.get("download_button") else []
     assert {"Export Markdown", "Export JSON"} <= set(labels)
     # import the JSON text into another visitor's history: the same conversation comes back, message for message
     ids = store.import_conversations(json.dumps(exported), "visitor-f2")
-    again = store.export_conversations(owner="visitor-f2")
+    again = store.export_conversations("visitor-f2")
     assert [c["id"] for c in again["conversations"]] == ids
     assert ids[0] != exported["conversations"][0]["id"]   # same database: the copy gets a fresh id
 

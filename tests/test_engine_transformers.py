@@ -2,6 +2,7 @@
 import threading
 
 import pytest
+import torch
 
 import glm_core
 from glm_core import GenerationParams, ReplyStats
@@ -26,7 +27,7 @@ def test_generate_ids_end_with_the_stop_id(embedded_engine):
     out = embedded_engine.generate_ids(ids, max_new_tokens=24)
     assert out[-1] in embedded_engine.stop_ids
     assert embedded_engine.decode(out[:-1]).strip().startswith("The capital of France")
-    rows = embedded_engine.model.hf.get_output_embeddings().out_features   # one logit per output-layer row
+    rows = embedded_engine.model.get_output_embeddings().out_features   # one logit per output-layer row
     assert rows >= embedded_engine.vocab_limit
     assert embedded_engine.logits(ids).shape == (len(ids), rows)
 
@@ -36,10 +37,20 @@ def test_next_turn_reuses_the_kv_cache_and_matches_a_fresh_run(embedded_engine):
     reply = "".join(embedded_engine.stream_chat(QUESTION, params))
     follow_up = QUESTION + [{"role": "assistant", "content": reply},
                             {"role": "user", "content": "And of Germany?"}]
-    cache = embedded_engine.model.cache
-    cached = "".join(embedded_engine.stream_chat(follow_up, params))
-    assert embedded_engine.model.cache is cache   # cropped to the shared prefix and extended, not rebuilt
+    kept_ids = embedded_engine.batcher.kept[-1][1][1]   # the first turn's cache is kept with its ids
+    ids = embedded_engine.prompt_ids(follow_up)
+    shared = next(i for i, (a, b) in enumerate(zip(kept_ids + [-1], ids)) if a != b)
+    assert shared > len(embedded_engine.prompt_ids(QUESTION))
+    runs = []
+    hook = embedded_engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: runs.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        cached = "".join(embedded_engine.stream_chat(follow_up, params))
+    finally:
+        hook.remove()
+    assert runs[0] == len(ids) - shared   # only the ids after the shared prefix were read
     embedded_engine.reset()
+    assert not embedded_engine.batcher.kept
     assert "".join(embedded_engine.stream_chat(follow_up, params)) == cached
 
 
@@ -87,3 +98,24 @@ def test_unknown_model_is_a_clear_error():
         glm_core.load("/nonexistent/dir-or-hub-id-xyz")
     with pytest.raises(glm_core.ModelLoadError, match="precision"):
         glm_core.load(glm_core.EMBEDDED, precision="int3")
+
+
+def test_the_embedded_gguf_is_dequantized_once_and_kept(embedded_engine, monkeypatch):
+    """The session's first load kept the dequantized weights; a second load reads them, never the GGUF."""
+    from transformers import AutoModelForCausalLM
+    from glm_core.engines import gguf_cache_dir
+    from glm_core.registry import embedded_gguf
+    cached = gguf_cache_dir(embedded_gguf())
+    assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def no_gguf(cls, *args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF was dequantized again"
+        return real(cls, *args, **kwargs)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(no_gguf))
+    again = glm_core.load(glm_core.EMBEDDED, precision="fp32")
+    for (name, a), (_, b) in zip(embedded_engine.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = embedded_engine.prompt_ids(QUESTION)
+    assert again.prompt_ids(QUESTION) == ids
+    assert again.generate_ids(ids, max_new_tokens=8) == embedded_engine.generate_ids(ids, max_new_tokens=8)

@@ -8,7 +8,7 @@ import torch
 
 from glm_core.checkpoint import load_model
 from glm_core.config import load_config
-from glm_core.model import ContextOverflowError
+from glm_core.kvcache import ContextOverflowError
 from glm_core.model_v1 import ChatGLMv1, attention_mask, context_layout, position_ids
 from conftest import FIXTURES
 
@@ -106,7 +106,7 @@ def test_greedy_chat_reproduces_official_ids(fresh, case):
 def test_cache_grows_past_a_chunk_and_matches_full_forward(fresh):
     prompt = SEQUENCES["s3_len200"]
     new = greedy(fresh, prompt, 60)                # 260 positions: the cache grows past its first 256
-    assert fresh.kv_cache.shape[4] <= fresh.config.seq_length
+    assert fresh.cache.capacity <= fresh.config.seq_length
     fresh.reset_cache()
     steps = [fresh.prefill(prompt)] + [fresh.decode_one_token(t) for t in new[:-1]]
     full = fresh.logits(prompt + new[:-1])
@@ -117,9 +117,9 @@ def test_prefill_reuses_cache_only_where_exact(fresh, monkeypatch):
     runs = []
     hidden = fresh.hidden
 
-    def spy(ids, start, *args, **kwargs):
-        runs.append((start, len(ids)))
-        return hidden(ids, start, *args, **kwargs)
+    def spy(segments):
+        runs.extend((len(cache.ids), len(ids)) for cache, ids in segments if cache is fresh.cache)
+        return hidden(segments)
 
     monkeypatch.setattr(fresh, "hidden", spy)
     s2, s3 = SEQUENCES["s2_len40"], SEQUENCES["s3_len200"]
@@ -150,7 +150,7 @@ def test_context_overflow(model):
     small.prefill(ids)
     with pytest.raises(ContextOverflowError):
         small.decode_one_token(5)
-    assert small.kv_cache.shape[4] == 40
+    assert small.cache.capacity == 40
     with pytest.raises(ContextOverflowError):
         small.logits(ids + [5])
     with pytest.raises(ContextOverflowError):
@@ -159,9 +159,9 @@ def test_context_overflow(model):
 
 def test_reset_cache_frees_it(fresh):
     fresh.prefill(SEQUENCES["s1_len5"])
-    assert fresh.kv_cache is not None and fresh.cached_ids == SEQUENCES["s1_len5"]
+    assert fresh.cache is not None and fresh.cached_ids == SEQUENCES["s1_len5"]
     fresh.reset_cache()
-    assert fresh.kv_cache is None and fresh.cached_ids == []
+    assert fresh.cache is None and fresh.cached_ids == []
     with pytest.raises(RuntimeError):
         fresh.decode_one_token(5)
 

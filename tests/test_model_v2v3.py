@@ -8,7 +8,8 @@ import torch
 import glm_core.model as model_module
 from glm_core.checkpoint import load_model
 from glm_core.config import load_config
-from glm_core.model import ContextOverflowError, rotary
+from glm_core.kvcache import ContextOverflowError
+from glm_core.model import rotary
 from conftest import FIXTURES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,10 +56,9 @@ def cache_runs(case, monkeypatch):
     """(number of ids, start position) of every forward that writes the KV cache."""
     model, runs, hidden = case[0], [], case[0].hidden
 
-    def counted_hidden(ids, start, use_cache):
-        if use_cache:
-            runs.append((len(ids), start))
-        return hidden(ids, start, use_cache)
+    def counted_hidden(segments):
+        runs.extend((len(ids), len(cache.ids)) for cache, ids in segments if cache is model.cache)
+        return hidden(segments)
 
     monkeypatch.setattr(model, "hidden", counted_hidden)
     return runs
@@ -109,14 +109,14 @@ def test_cache_grows_in_chunks_and_overflows(case):
     seq_length = model.config.seq_length     # 512 in the fixtures
     ids = (golden["sequences"]["s3_len200"] * 3)[:seq_length]
     model.reset_cache()
-    assert model.kv_cache is None
+    assert model.cache is None
     model.prefill(ids[:10])
-    assert model.kv_cache.shape[3] == 256
+    assert model.cache.capacity == 256
     model.prefill(ids[:300])
-    assert model.kv_cache.shape[3] == 512
+    assert model.cache.capacity == 512
     model.prefill(ids[:-1])
     model.decode_one_token(ids[-1])
-    assert model.kv_cache.shape[3] == seq_length and len(model.cached_ids) == seq_length
+    assert model.cache.capacity == seq_length and len(model.cached_ids) == seq_length
     with pytest.raises(ContextOverflowError):
         model.decode_one_token(ids[0])
     with pytest.raises(ContextOverflowError):
@@ -124,7 +124,7 @@ def test_cache_grows_in_chunks_and_overflows(case):
     with pytest.raises(ContextOverflowError):
         model.logits(ids + ids[:1])
     model.reset_cache()
-    assert model.kv_cache is None and model.cached_ids == []
+    assert model.cache is None and model.cached_ids == []
 
 
 @pytest.mark.parametrize("ver", VERSIONS)
@@ -145,12 +145,12 @@ def test_long_context_rotary_per_version():
     """ChatGLM2-32k interpolates positions (p / rope_ratio); ChatGLM3-32k raises the base (10000 * rope_ratio)."""
     v2 = load_config(FIXTURES / "v2")
     v3 = load_config(FIXTURES / "v3")
-    plain_cos, plain_sin = rotary(v2, 0, 64, torch.float32, torch.device("cpu"))
+    plain_cos, plain_sin = rotary(v2, torch.arange(0, 64), torch.float32)
     v2.rope_ratio = 16.0
-    cos, sin = rotary(v2, 0, 64 * 16, torch.float32, torch.device("cpu"))
+    cos, sin = rotary(v2, torch.arange(0, 64 * 16), torch.float32)
     assert torch.allclose(cos[::16], plain_cos, atol=1e-5) and torch.allclose(sin[::16], plain_sin, atol=1e-5)
     v3.rope_ratio = 50.0
-    cos, _ = rotary(v3, 1, 1, torch.float32, torch.device("cpu"))
+    cos, _ = rotary(v3, torch.arange(1, 2), torch.float32)
     dim = v3.head_dim // 2
     expected = torch.cos(1.0 / 500000.0 ** (torch.arange(0, dim, 2).float() / dim))
     assert torch.allclose(cos.flatten(), expected, atol=1e-6)

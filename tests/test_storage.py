@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from sqlite_utils import Database
 
-from storage import NewerSchemaError, Store, default_db_path, open_store
+from storage import EVERYONE, InvalidImport, NewerSchemaError, NotOwnerError, Store, default_db_path, open_store
 from storage.schema import MIGRATIONS, SCHEMA_VERSION, migrations
 
 
@@ -28,19 +28,20 @@ def fill(store, owner="alice"):
     """Two conversations with every kind of message field filled in."""
     first = store.create_conversation(owner, "Capital cities", "chatglm3-6b", "int4", "You are terse.",
                                       {"temperature": 0.8, "top_p": 0.7, "stop": ["\n\n"], "nested": {"a": [1, 2.5]}})
-    store.add_message(first, "user", "What is the capital of France?")
-    store.add_message(first, "assistant", "Paris.", "stop",
+    store.add_message(first, owner, "user", "What is the capital of France?")
+    store.add_message(first, owner, "assistant", "Paris.", "stop",
                       {"prompt_tokens": 12, "new_tokens": 3, "ttft_s": 0.125, "decode_tok_s": 2.75, "reused_tokens": 4})
-    store.add_message(first, "user", "我在北京工作，北京是首都吗？")
-    with store.begin_reply(first) as reply:
+    store.add_message(first, owner, "user", "我在北京工作，北京是首都吗？")
+    with store.begin_reply(first, owner) as reply:
         reply.append("是的，")
         reply.append("北京是中国的首都。")
         reply.finish("length", {"prompt_tokens": 40, "new_tokens": 9, "ttft_s": 1.5, "prefill_tok_s": 26.0})
     second = store.create_conversation(owner, "Broken", "chatglm2-6b", "bf16", "", {})
-    store.add_message(second, "user", "Tell me a story")
-    store.add_message(second, "assistant", "Once upon a", "error", {"new_tokens": 3}, error="RuntimeError: out of memory")
-    store.add_message(second, "user", "Again")
-    unfinished = store.begin_reply(second)  # never finished: as after a killed server
+    store.add_message(second, owner, "user", "Tell me a story")
+    store.add_message(second, owner, "assistant", "Once upon a", "error", {"new_tokens": 3},
+                      error="RuntimeError: out of memory")
+    store.add_message(second, owner, "user", "Again")
+    unfinished = store.begin_reply(second, owner)  # never finished: as after a killed server
     unfinished.append("Once")
     unfinished.flush()
     return first, second
@@ -67,7 +68,7 @@ def test_an_older_database_is_upgraded_with_its_data(applied):
     assert [m.name for m in migrations.applied(store.db)] == [m.__name__ for m in MIGRATIONS]
     assert not migrations.pending(store.db)
     if applied >= 1:
-        assert store.get_conversation("old")["title"] == "from before"
+        assert store.get_conversation("old", "alice")["title"] == "from before"
         assert [h["conversation_id"] for h in store.search("alice", "older question")] == ["old"]
     run = store.create_bench_run({"cpu": "test"}, {"new_tokens": 8})
     assert store.list_bench_runs()[0]["id"] == run
@@ -126,7 +127,7 @@ def test_a_damaged_database_is_moved_aside_with_its_wal(tmp_path):
     store = Store(path)
     for i in range(40):
         cid = store.create_conversation("alice", f"chat {i}")
-        store.add_message(cid, "user", f"question {i} " * 200)
+        store.add_message(cid, "alice", "user", f"question {i} " * 200)
     store.close()
     data = bytearray(path.read_bytes())
     assert len(data) > 20 * 4096
@@ -138,7 +139,7 @@ def test_a_damaged_database_is_moved_aside_with_its_wal(tmp_path):
     assert store.recovered_from is not None
     assert store.recovered_from.read_bytes() == bytes(data)
     assert (tmp_path / (store.recovered_from.name + "-wal")).exists()
-    assert store.list_conversations() == []
+    assert store.list_conversations(EVERYONE) == []
 
 
 def test_recoveries_in_the_same_second_overwrite_nothing(tmp_path):
@@ -160,60 +161,63 @@ def test_conversations_belong_to_their_owner():
     store = Store()
     alice_chats = fill(store, "alice")
     bob_chat = store.create_conversation("bob", "Bob's", "m", "fp32", "", {})
-    store.add_message(bob_chat, "user", "capital of Spain?")
+    store.add_message(bob_chat, "bob", "user", "capital of Spain?")
     assert {c["id"] for c in store.list_conversations("alice")} == set(alice_chats)
     assert [c["id"] for c in store.list_conversations("bob")] == [bob_chat]
-    assert {c["id"] for c in store.list_conversations()} == {*alice_chats, bob_chat}  # admin
+    assert {c["id"] for c in store.list_conversations(EVERYONE)} == {*alice_chats, bob_chat}  # the operator
     assert [h["conversation_id"] for h in store.search("bob", "capital")] == [bob_chat]
-    assert {h["conversation_id"] for h in store.search(None, "capital")} == {alice_chats[0], bob_chat}
-    assert store.export_conversations([bob_chat], owner="alice")["conversations"] == []
-    assert [c["id"] for c in store.export_conversations([bob_chat], owner="bob")["conversations"]] == [bob_chat]
+    assert {h["conversation_id"] for h in store.search(EVERYONE, "capital")} == {alice_chats[0], bob_chat}
+    assert [c["id"] for c in store.export_conversations("bob", [bob_chat])["conversations"]] == [bob_chat]
+    assert (store.conversation_owner(bob_chat), store.conversation_owner("nope")) == ("bob", None)
 
 
 def test_conversation_fields_and_message_stats():
     store = Store()
     first, second = fill(store)
-    conv = store.get_conversation(first)
+    conv = store.get_conversation(first, "alice")
     assert conv["params"]["nested"] == {"a": [1, 2.5]} and conv["system_prompt"] == "You are terse."
-    store.rename_conversation(first, "Capitals")
-    store.update_conversation(first, model="chatglm2-6b", params={"temperature": 0.1})
-    conv = store.get_conversation(first)
+    store.rename_conversation(first, "alice", "Capitals")
+    store.update_conversation(first, "alice", model="chatglm2-6b", params={"temperature": 0.1})
+    conv = store.get_conversation(first, "alice")
     assert (conv["title"], conv["model"], conv["params"]) == ("Capitals", "chatglm2-6b", {"temperature": 0.1})
     assert store.list_conversations("alice")[0]["id"] == first  # most recently updated first
-    with pytest.raises(TypeError, match="owner"):
-        store.update_conversation(first, owner="mallory")
-    assert store.get_conversation("nope") is None
+    with pytest.raises(TypeError, match="unknown conversation fields"):
+        store.update_conversation(first, "alice", id="another")
+    with pytest.raises(NotOwnerError):
+        store.get_conversation("nope", "alice")
 
-    messages = store.messages(first)
+    messages = store.messages(first, "alice")
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[1]["decode_tok_s"] == 2.75 and messages[1]["stats"]["reused_tokens"] == 4
     assert (messages[3]["content"], messages[3]["finish_reason"], messages[3]["new_tokens"]) == \
         ("是的，北京是中国的首都。", "length", 9)
-    broken = store.messages(second)
+    broken = store.messages(second, "alice")
     assert (broken[1]["finish_reason"], broken[1]["error"]) == ("error", "RuntimeError: out of memory")
     assert (broken[3]["content"], broken[3]["finish_reason"]) == ("Once", None)
     with pytest.raises(ValueError, match="finish_reason"):
-        store.add_message(first, "assistant", "x", "done")
+        store.add_message(first, "alice", "assistant", "x", "done")
     with pytest.raises(ValueError, match="role"):
-        store.add_message(first, "robot", "x")
+        store.add_message(first, "alice", "robot", "x")
 
 
 def test_delete_messages_from_drops_the_turn_and_what_follows():
     store = Store()
     first, second = fill(store)
-    ids = [m["id"] for m in store.messages(first)]
-    assert store.delete_messages_from(ids[3]) == 1  # regenerate the last reply
-    assert [m["id"] for m in store.messages(first)] == ids[:3]
-    assert store.delete_messages_from(ids[2]) == 1  # edit the last question
-    assert store.delete_messages_from(ids[0]) == 2
-    assert store.messages(first) == [] and len(store.messages(second)) == 4
-    assert store.delete_messages_from(10_000) == 0
+    ids = [m["id"] for m in store.messages(first, "alice")]
+    assert store.delete_messages_from(first, "alice", ids[3]) == 1  # regenerate the last reply
+    assert [m["id"] for m in store.messages(first, "alice")] == ids[:3]
+    assert store.delete_messages_from(first, "alice", ids[2]) == 1  # edit the last question
+    assert store.delete_messages_from(second, "alice", ids[0]) == 0  # not a message of that conversation
+    assert store.delete_messages_from(first, "alice", ids[0]) == 2
+    assert store.messages(first, "alice") == [] and len(store.messages(second, "alice")) == 4
+    assert store.delete_messages_from(first, "alice", 10_000) == 0
 
 
 def test_search_finds_words_in_any_language_and_case():
     store = Store()
     first, second = fill(store)
-    assert {h["message_id"] for h in store.search("alice", "CAPITAL france")} == {store.messages(first)[0]["id"]}
+    question = store.messages(first, "alice")[0]["id"]
+    assert {h["message_id"] for h in store.search("alice", "CAPITAL france")} == {question}
     hits = store.search("alice", "北京")  # two characters: shorter than a trigram
     assert [h["role"] for h in hits] == ["assistant", "user"]
     assert all("北京" in h["snippet"] for h in hits)
@@ -221,7 +225,7 @@ def test_search_finds_words_in_any_language_and_case():
     assert store.search("alice", 'story" OR "x') == []  # FTS syntax in the query is taken literally
     assert [h["conversation_id"] for h in store.search("alice", '"story"')] == [second]
     assert store.search("alice", "50%") == [] and store.search("alice", "   ") == []
-    long_id = store.add_message(second, "user", "word " * 200 + "needle in the haystack " + "word " * 200)
+    long_id = store.add_message(second, "alice", "user", "word " * 200 + "needle in the haystack " + "word " * 200)
     (hit,) = store.search("alice", "needle")
     assert hit["message_id"] == long_id and "needle" in hit["snippet"] and len(hit["snippet"]) < 130
 
@@ -232,50 +236,50 @@ def test_export_import_round_trip_is_exact():
     source = Store()
     fill(source, "alice")
     fill(source, "bob")
-    exported = source.export_conversations(owner="alice")
+    exported = source.export_conversations("alice")
     text = json.dumps(exported, ensure_ascii=False, indent=2)
     assert len(exported["conversations"]) == 2
 
     target = Store()
     ids = target.import_conversations(text, owner="carol")
     assert ids == [c["id"] for c in exported["conversations"]]
-    again = target.export_conversations(owner="carol")
+    again = target.export_conversations("carol")
     assert again == exported
     assert json.dumps(again, ensure_ascii=False, indent=2) == text
-    assert target.export_markdown(owner="carol") == source.export_markdown(owner="alice")
+    assert target.export_markdown("carol") == source.export_markdown("alice")
 
     copies = source.import_conversations(exported, owner="alice")  # ids taken: imported as copies
     assert set(copies).isdisjoint(ids) and len(source.list_conversations("alice")) == 4
-    exported_copies = source.export_conversations(copies, owner="alice")["conversations"]
+    exported_copies = source.export_conversations("alice", copies)["conversations"]
     assert [{**c, "id": None} for c in exported_copies] == [{**c, "id": None} for c in exported["conversations"]]
 
 
 def test_a_bad_import_writes_nothing():
     store = Store()
     fill(store)
-    good = store.export_conversations()
+    good = store.export_conversations("alice")
     broken = json.loads(json.dumps(good))
     broken["conversations"][0]["id"] = "new-id"
     del broken["conversations"][1]["messages"][0]["role"]
     target = Store()
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(InvalidImport, match="^conversation 2, message 1: missing role$"):
         target.import_conversations(broken, owner="carol")
-    with pytest.raises(ValueError, match="not a GLM Studio"):
+    with pytest.raises(InvalidImport, match="not a GLM Studio"):
         target.import_conversations({"conversations": []}, owner="carol")
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(InvalidImport, match="version"):
         target.import_conversations({**good, "version": 99}, owner="carol")
-    assert target.list_conversations() == [] and target.search(None, "capital") == []
+    assert target.list_conversations(EVERYONE) == [] and target.search(EVERYONE, "capital") == []
 
 
 def test_markdown_export_reads_like_the_chat():
     store = Store()
     first, second = fill(store)
-    md = store.export_markdown([first])
+    md = store.export_markdown("alice", [first])
     assert md.startswith("# Capital cities\n")
     assert "## User\n\nWhat is the capital of France?" in md and "## Assistant\n\nParis." in md
     assert "3 tokens · 2.8 tok/s · first token 0.12 s" in md and "cut at max length" in md
     assert "Broken" not in md
-    everything = store.export_markdown()
+    everything = store.export_markdown(EVERYONE)
     assert "error: RuntimeError: out of memory" in everything and "unfinished" in everything
     assert everything.count("\n---\n") == 1
 
@@ -287,23 +291,26 @@ def test_delete_really_deletes_rows_index_and_bytes(tmp_path):
     store = Store(path)
     first, second = fill(store)
     secret = "zanzibarquokka" * 3
-    store.add_message(first, "user", f"my secret is {secret}, in rare characters 龘靐齉爩, keep it")
+    store.add_message(first, "alice", "user", f"my secret is {secret}, in rare characters 龘靐齉爩, keep it")
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert secret.encode() in file_bytes(path)
     # The index keeps trigrams; the tail of one made of characters used nowhere else is findable.
     assert "靐齉".encode() in index_bytes(store) and "齉爩".encode() in index_bytes(store)
     assert len(store.search("alice", secret)) == 1
 
-    assert store.delete_conversation(first) is True
-    assert store.get_conversation(first) is None and store.messages(first) == []
-    assert store.search(None, secret) == [] and store.search(None, "capital") == []
+    store.delete_conversation(first, "alice")
+    with pytest.raises(NotOwnerError):
+        store.get_conversation(first, "alice")
+    assert store.db["messages"].count_where("conversation_id = ?", [first]) == 0
+    assert store.search(EVERYONE, secret) == [] and store.search(EVERYONE, "capital") == []
     assert store.db.execute("select count(*) from messages_fts where messages_fts match ?",
                             ['"zanzibar"']).fetchone()[0] == 0
     assert secret.encode() not in file_bytes(path) and "龘靐齉爩".encode() not in file_bytes(path)
     assert "靐齉".encode() not in index_bytes(store) and "齉爩".encode() not in index_bytes(store)
     assert "Paris".encode() not in file_bytes(path)
     assert [h["conversation_id"] for h in store.search("alice", "story")] == [second]  # index intact
-    assert store.delete_conversation(first) is False
+    with pytest.raises(NotOwnerError):
+        store.delete_conversation(first, "alice")
 
 
 # benchmark runs

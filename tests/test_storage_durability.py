@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import Store
+from storage import EVERYONE, NotOwnerError, Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,21 +26,21 @@ def test_a_reply_reaches_the_file_every_n_deltas_and_within_the_interval(tmp_pat
     path = tmp_path / "glm-studio.db"
     store = Store(path)
     cid = store.create_conversation("alice", "streaming")
-    reply = store.begin_reply(cid, flush_seconds=60, flush_deltas=4)
+    reply = store.begin_reply(cid, "alice", flush_seconds=60, flush_deltas=4)
     for delta in ["one ", "two ", "three "]:
         reply.append(delta)
     assert saved_content(path, reply.message_id) == ""
     reply.append("four ")
     assert saved_content(path, reply.message_id) == "one two three four "
 
-    stalled = store.begin_reply(cid, flush_seconds=0.3, flush_deltas=1000)
+    stalled = store.begin_reply(cid, "alice", flush_seconds=0.3, flush_deltas=1000)
     stalled.append("a token, then the model stalls")
     assert saved_content(path, stalled.message_id) == ""
     time.sleep(0.8)  # no further delta arrives: the timer saves it
     assert saved_content(path, stalled.message_id) == "a token, then the model stalls"
     stalled.append(" and resumes")
     stalled.finish("stop", {"new_tokens": 2})
-    (last,) = [m for m in store.messages(cid) if m["id"] == stalled.message_id]
+    (last,) = [m for m in store.messages(cid, "alice") if m["id"] == stalled.message_id]
     assert (last["content"], last["finish_reason"], last["new_tokens"]) == \
         ("a token, then the model stalls and resumes", "stop", 2)
     assert reply.finished is False
@@ -55,19 +55,19 @@ class ScriptStopped(BaseException):
 def test_a_reply_is_finalised_however_its_block_ends():
     store = Store()
     cid = store.create_conversation("alice", "endings")
-    with store.begin_reply(cid) as plain:
+    with store.begin_reply(cid, "alice") as plain:
         plain.append("all of it")
-    with pytest.raises(ValueError), store.begin_reply(cid) as failed:
+    with pytest.raises(ValueError), store.begin_reply(cid, "alice") as failed:
         failed.append("half of")
         raise ValueError("tokenizer exploded")
-    with pytest.raises(ScriptStopped), store.begin_reply(cid) as stopped:
+    with pytest.raises(ScriptStopped), store.begin_reply(cid, "alice") as stopped:
         stopped.append("the user ")
         stopped.append("left")
         raise ScriptStopped()
-    with store.begin_reply(cid) as explicit:
+    with store.begin_reply(cid, "alice") as explicit:
         explicit.append("long answer")
         explicit.finish("length", {"new_tokens": 1, "decode_tok_s": 4.5})
-    rows = [(m["content"], m["finish_reason"], m["error"], m["decode_tok_s"]) for m in store.messages(cid)]
+    rows = [(m["content"], m["finish_reason"], m["error"], m["decode_tok_s"]) for m in store.messages(cid, "alice")]
     assert rows == [("all of it", "stop", None, None), ("half of", "error", "ValueError: tokenizer exploded", None),
                     ("the user left", "stopped", None, None), ("long answer", "length", None, 4.5)]
     with pytest.raises(RuntimeError, match="already finished"):
@@ -79,13 +79,14 @@ def test_a_reply_is_finalised_however_its_block_ends():
 def test_a_reply_to_a_deleted_conversation_is_not_resurrected():
     store = Store()
     cid = store.create_conversation("alice", "short-lived")
-    reply = store.begin_reply(cid, flush_deltas=1)
+    reply = store.begin_reply(cid, "alice", flush_deltas=1)
     reply.append("first")
-    store.delete_conversation(cid)
+    store.delete_conversation(cid, "alice")
     reply.append(" second")
     reply.finish("stop")
-    assert store.messages(cid) == [] and store.get_conversation(cid) is None
-    assert store.db["messages"].count == 0
+    with pytest.raises(NotOwnerError):
+        store.get_conversation(cid, "alice")
+    assert store.db["messages"].count == 0 and store.db["conversations"].count == 0
 
 
 def test_eight_threads_writing_at_once_lose_nothing(tmp_path):
@@ -99,15 +100,15 @@ def test_eight_threads_writing_at_once_lose_nothing(tmp_path):
         try:
             for chat in range(n_chats):
                 cid = store.create_conversation(owner, f"chat {chat}", "chatglm3-6b", "int8", "", {"chat": chat})
-                store.add_message(cid, "user", f"question {worker}/{chat}")
-                with store.begin_reply(cid, flush_deltas=3) as reply:
+                store.add_message(cid, owner, "user", f"question {worker}/{chat}")
+                with store.begin_reply(cid, owner, flush_deltas=3) as reply:
                     for d in range(n_deltas):
                         reply.append(f"w{worker}c{chat}d{d} ")
                     reply.finish("stop", {"new_tokens": n_deltas})
-                store.rename_conversation(cid, f"chat {chat} of {owner}")
+                store.rename_conversation(cid, owner, f"chat {chat} of {owner}")
                 store.search(owner, f"w{worker}c{chat}d0")
                 if chat % 5 == 4:
-                    store.delete_conversation(cid)
+                    store.delete_conversation(cid, owner)
         except Exception as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
@@ -119,14 +120,14 @@ def test_eight_threads_writing_at_once_lose_nothing(tmp_path):
     assert errors == [] and not any(t.is_alive() for t in threads)
 
     check = Store(path)
-    assert len(check.list_conversations()) == n_threads * (n_chats - n_chats // 5)
+    assert len(check.list_conversations(EVERYONE)) == n_threads * (n_chats - n_chats // 5)
     for worker in range(n_threads):
         owner = f"visitor-{worker}"
         kept = sorted((c["params"]["chat"], c["title"]) for c in check.list_conversations(owner))
         assert kept == [(c, f"chat {c} of {owner}") for c in range(n_chats) if c % 5 != 4]
         for conv in check.list_conversations(owner):
             chat = conv["params"]["chat"]
-            messages = check.messages(conv["id"])
+            messages = check.messages(conv["id"], owner)
             assert [(m["role"], m["content"], m["finish_reason"]) for m in messages] == [
                 ("user", f"question {worker}/{chat}", None),
                 ("assistant", "".join(f"w{worker}c{chat}d{d} " for d in range(n_deltas)), "stop")]
@@ -137,7 +138,7 @@ def test_eight_threads_writing_at_once_lose_nothing(tmp_path):
 STREAMER = """
 import sys, time
 from storage import open_store
-reply = open_store(sys.argv[1]).begin_reply(sys.argv[2])
+reply = open_store(sys.argv[1]).begin_reply(sys.argv[2], "alice")
 print("ready", reply.message_id, flush=True)
 for i in range(100_000):
     reply.append(f"{i:05d} ")
@@ -150,7 +151,7 @@ def test_a_server_killed_mid_reply_loses_at_most_the_last_second(tmp_path):
     path = tmp_path / "glm-studio.db"
     store = Store(path)
     cid = store.create_conversation("alice", "killed")
-    store.add_message(cid, "user", "count for me")
+    store.add_message(cid, "alice", "user", "count for me")
     store.close()
 
     child = subprocess.Popen([sys.executable, "-c", STREAMER, str(path), cid], cwd=REPO,
@@ -169,7 +170,7 @@ def test_a_server_killed_mid_reply_loses_at_most_the_last_second(tmp_path):
 
     store = Store(path)
     assert store.recovered_from is None
-    (question, reply) = store.messages(cid)
+    (question, reply) = store.messages(cid, "alice")
     assert reply["id"] == int(ready[1]) and reply["finish_reason"] is None
     n_saved = len(reply["content"]) // 6
     assert reply["content"] == "".join(f"{i:05d} " for i in range(n_saved))  # a clean prefix
