@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 import weakref
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -81,8 +81,17 @@ def open_store(path: str | Path | None = None) -> "Store":
     return Store(path if path is not None else default_db_path())
 
 
+_last_stamp = datetime.min.replace(tzinfo=timezone.utc)
+_stamp_lock = threading.Lock()
+
+
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    """The time, strictly later than any earlier call's: lists sort by these stamps ("most recently updated
+    first"), and on a fast machine two updates fall in the same clock tick."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(datetime.now(timezone.utc), _last_stamp + timedelta(microseconds=1))
+        return _last_stamp.isoformat(timespec="microseconds")
 
 
 def connect(path: str | Path) -> sqlite3.Connection:

@@ -171,6 +171,24 @@ def test_conversations_belong_to_their_owner():
     assert (store.conversation_owner(bob_chat), store.conversation_owner("nope")) == ("bob", None)
 
 
+def test_most_recently_updated_first_within_one_clock_tick(monkeypatch):
+    """Updates faster than the clock moves (seen on a fast CPU) still list the last one updated first."""
+    import storage.store as store_module
+    from datetime import datetime as real_datetime, timezone
+
+    class FrozenClock(real_datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real_datetime(2026, 12, 2, 12, 0, 0, 123456, tzinfo=timezone.utc)
+
+    monkeypatch.setattr(store_module, "datetime", FrozenClock)
+    store = Store()
+    chats = [store.create_conversation("alice", f"chat {i}", "m", "fp32", "", {}) for i in range(3)]
+    store.rename_conversation(chats[0], "alice", "renamed")
+    store.add_message(chats[1], "alice", "user", "hello")
+    assert [c["id"] for c in store.list_conversations("alice")] == [chats[1], chats[0], chats[2]]
+
+
 def test_conversation_fields_and_message_stats():
     store = Store()
     first, second = fill(store)
