@@ -312,4 +312,6 @@ def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cp
         listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{model_dir}: tensors missing after reading {', '.join(p.name for p in shards)}: "
                               f"{listed}")
+    if not exact:
+        quant.route_fp32_linears(model)
     return model.eval()

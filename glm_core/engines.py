@@ -140,6 +140,15 @@ GLM_DEFAULTS = {
 }
 
 
+def graphed_decode(model, device: str):
+    """CUDA graphs for a lone sequence's decode steps: on CUDA, for ChatGLM2/3, unless GLM_STUDIO_CUDA_GRAPHS=0.
+    Not on CPU, where there are none (see BENCHMARKS.md for what torch.compile gave there)."""
+    if not device.startswith("cuda") or not hasattr(model, "decode_at") or os.environ.get("GLM_STUDIO_CUDA_GRAPHS") == "0":
+        return None
+    from .cuda_graphs import GraphedDecode
+    return GraphedDecode(model)
+
+
 def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu",
              progress: Progress | None = None, exact: bool = False) -> Engine:
     from .checkpoint import load_model, resolve_model_dir
@@ -152,7 +161,7 @@ def load_glm(name: str, source: str, precision: str = "bf16", device: str = "cpu
     model = load_model(model_dir, precision=precision, device=device, progress=progress, exact=exact)
     return Engine(
         name=name, family=f"chatglm{config.version}", precision=precision, device=device, model=model,
-        batcher=NativeBatcher(model), encode=tok.encode, decode=tok.decode,
+        batcher=NativeBatcher(model, graphed=graphed_decode(model, device)), encode=tok.encode, decode=tok.decode,
         build_prompt=lambda messages: prompt_ids(tok, config.version, messages),
         stop_ids=set(tok.stop_ids), context_length=config.seq_length, vocab_limit=tok.vocab_size,
         clean=lambda text: clean_response(config.version, text),
@@ -245,6 +254,9 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
         from .quant import quantize_model
         # Groups of 32, as the GGUF blocks the embedded model comes from: coarser groups re-round it (top-1 67% vs 97%).
         quantize_model(hf, precision, group_size=32, skip=lambda n: n == "lm_head", exact=exact)
+    if not exact:
+        from .quant import route_fp32_linears
+        route_fp32_linears(hf)
     if progress:
         progress(2, 2, "ready")
 

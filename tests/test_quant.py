@@ -368,3 +368,21 @@ def test_quantization_tests_pass_on_the_avx2_kernel_path():
                             "tests/test_quant_checkpoints.py"], cwd=ROOT, capture_output=True, text=True,
                            timeout=900, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+
+
+def test_fp32_linears_on_onednn_give_the_same_products():
+    """route_fp32_linears (oneDNN where MKL is the slower product, see quant) changes only the summation order:
+    within K * 2^-24 * sum |x||w| of nn.Linear, for decode rows, prefill rows and batched 3-D inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 77), nn.Linear(77, 5, bias=False))
+    inputs = [torch.randn(1, 200), torch.randn(130, 200), torch.randn(2, 3, 200)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+        routed = quant.route_fp32_linears(model)
+        assert routed == (2 if quant.onednn_for_fp32_linears() else 0)
+        assert all(type(m) is (quant.OneDnnLinear if routed else nn.Linear) for m in model)
+        for x, want in zip(inputs, expected):
+            got = model(x)
+            magnitude = model[1].weight.abs() @ (x.abs() @ model[0].weight.abs().t() + model[0].bias.abs()).unsqueeze(-1)
+            bound = 4 * 200 * 2.0 ** -24 * magnitude.squeeze(-1)
+            assert got.shape == want.shape and ((got - want).abs() <= bound + 1e-30).all()
