@@ -74,11 +74,13 @@ class Batcher:
 
 
 class NativeBatcher(Batcher):
-    """ChatGLM (v1, v2, v3) models: `model.forward(segments)` over a KVCache per sequence."""
+    """ChatGLM (v1, v2, v3) models: `model.forward(segments)` over a KVCache per sequence. `graphed`: decode steps
+    replay a CUDA graph (cuda_graphs.GraphedDecode), a sequence at a time, instead of running eagerly."""
 
-    def __init__(self, model, max_kept: int = MAX_KEPT):
+    def __init__(self, model, max_kept: int = MAX_KEPT, graphed=None):
         super().__init__(max_kept)
         self.model = model
+        self.graphed = graphed
 
     def open(self, ids: list[int], key: str | None = None) -> Sequence:
         if not ids:
@@ -88,6 +90,10 @@ class NativeBatcher(Batcher):
         return Sequence(key, list(ids[keep:]), cache)
 
     def step(self, prefill: Sequence | None, decode: list[tuple[Sequence, int]]) -> dict[Sequence, Tensor]:
+        if self.graphed is not None and prefill is None:
+            # one replayed step per sequence beats one eager step for all on a GPU, where eager steps are bound by
+            # launching kernels from Python (H100, ChatGLM2-6B bf16: 4 streams 36 tok/s eager, 1 stream 106 graphed)
+            return {seq: self.graphed(seq.cache, token) for seq, token in decode}
         segments = [(seq.cache, [token]) for seq, token in decode]
         if prefill is not None:
             n = max(self.chunk(prefill, len(decode)), self.model.first_chunk(prefill.cache, prefill.pending))

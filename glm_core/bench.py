@@ -28,10 +28,10 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 import psutil
@@ -93,7 +93,7 @@ PUBLISHED = {
 
 
 # Every result object has these keys (None where not measured); `error` is set when its child failed.
-RESULT_KEYS = ("model", "precision", "device", "prompt_tokens", "new_tokens", "repeats", "concurrency", "load_s",
+RESULT_KEYS = ("model", "precision", "device", "busy", "prompt_tokens", "new_tokens", "repeats", "concurrency", "load_s",
                "weights_gb", "rss_gb", "load_peak_rss_gb", "peak_rss_gb", "vram_peak_gb", "prefill_tok_s",
                "prefill_gflops", "ttft_s", "ttft_max_s", "decode_tok_s", "aggregate_decode_tok_s",
                "bytes_per_token_gb", "decode_limit_tok_s", "decode_fraction_of_limit", "top1_agreement", "mean_kl",
@@ -118,6 +118,7 @@ class BenchSpec:
     device: str = "cpu"
     quality: bool = True             # top-1 / KL / perplexity vs the highest precision in the run
     concurrent: list[int] = field(default_factory=list)   # streams at once through the model service (else one)
+    busy: bool = False               # another process keeps one core busy while each precision is measured
 
 
 def check_spec(spec: BenchSpec) -> None:
@@ -288,6 +289,7 @@ def random_engine(model_dir: str, precision: str, device: str) -> tuple[Engine, 
     """An engine on random weights (no tokenizer: prompts are random ids, replies have no text), and its prompts."""
     from .batch import NativeBatcher
     from .checkpoint import load_model
+    from .engines import graphed_decode
     from .config import load_config
     config = load_config(model_dir)
     model = load_model(model_dir, precision, device)
@@ -302,7 +304,8 @@ def random_engine(model_dir: str, precision: str, device: str) -> tuple[Engine, 
     def no_text(ids: list[int]) -> str:
         return ""
     engine = Engine(name=f"random {model_dir}", family=f"chatglm{config.version}", precision=precision, device=device,
-                    model=model, batcher=NativeBatcher(model), encode=lambda text: [], decode=no_text,
+                    model=model, batcher=NativeBatcher(model, graphed=graphed_decode(model, device)),
+                    encode=lambda text: [], decode=no_text,
                     build_prompt=lambda messages: [], stop_ids={config.eos_token_id}, context_length=config.seq_length,
                     weights_bytes=tensor_bytes(model))
     return engine, random_prompt
@@ -582,6 +585,21 @@ def estimated_weights_gb(model: str, precision: str) -> float | None:
     return known.weights_gb(precision) * 1e9 / GIB if known is not None else None
 
 
+@contextmanager
+def busy_core(on: bool) -> Iterator[None]:
+    """A process spinning on the first core while the block runs (a desktop's browser, the app's own threads)."""
+    if not on:
+        yield
+        return
+    spin = "import os\nif hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, {0})\nwhile True: pass"
+    proc = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class Progress:
     emit: Callable[[dict], None]
@@ -633,7 +651,7 @@ def run(spec: BenchSpec, on_event: Callable[[dict], None] | None = None, cancel:
                        "model_dir": model_dir, "bandwidth_gbps": bandwidth,
                        "quality_dir": quality_dir if quality else None}
                 now = {"bandwidth_gbps": round(bandwidth, 2), "load_avg": round(psutil.getloadavg()[0], 2)}
-                base = {"model": spec.model, "precision": precision, "device": spec.device,
+                base = {"model": spec.model, "precision": precision, "device": spec.device, "busy": spec.busy,
                         "new_tokens": spec.new_tokens, "repeats": spec.repeats, "machine": {**machine, **now}}
                 try:
                     need = estimated_weights_gb(model_dir or spec.model, precision)
@@ -641,7 +659,7 @@ def run(spec: BenchSpec, on_event: Callable[[dict], None] | None = None, cancel:
                     if spec.device == "cpu" and need is not None and need > free:
                         raise BenchError(f"{precision} needs about {need:.1f} GiB for its weights, "
                                          f"{free:.1f} GiB is free")
-                    with turn() if turn is not None else nullcontext():
+                    with turn() if turn is not None else nullcontext(), busy_core(spec.busy):
                         outcome = run_child(job, cancel, progress.step)
                 except BenchError as e:
                     outcome = {"results": [{"prompt_tokens": n, "error": str(e)} for n in sorted(spec.prompt_tokens)],
@@ -725,6 +743,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="figures are medians over this many runs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-quality", action="store_true", help="skip top-1 / KL / perplexity")
+    parser.add_argument("--busy", action="store_true",
+                        help="measure with another process keeping one core busy (as a desktop's browser does)")
     parser.add_argument("--concurrent", default="", metavar="N,M,...",
                         help="also run N (then M, ...) streams at once through the model service: aggregate and "
                              "per-stream decode tokens/s, time to first token")
@@ -739,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = BenchSpec(model=args.model or RANDOM + args.random, precisions=args.precision.split(","),
                          prompt_tokens=[int(n) for n in args.prompt_tokens.split(",")], new_tokens=args.new_tokens,
                          repeats=args.repeats, device=args.device, quality=not args.no_quality,
-                         concurrent=[int(c) for c in args.concurrent.split(",") if c])
+                         concurrent=[int(c) for c in args.concurrent.split(",") if c], busy=args.busy)
         check_spec(spec)
     except ValueError as e:
         parser.error(str(e))

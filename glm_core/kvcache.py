@@ -52,6 +52,12 @@ class KVCache:
             grown[:, :, :, :kept] = self.tensor[:, :, :, :kept]
         self.tensor = grown
 
+    def reserve_full(self) -> None:
+        """Room for the whole context, the positions not written yet zeroed: a step that reads every position
+        (ChatGLM.decode_at) weighs the masked ones by 0, and 0 times uninitialized memory can be NaN."""
+        self.reserve(self.max_length)
+        self.tensor[:, :, :, len(self.ids):].zero_()
+
     def store(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [kv_heads, T, head_dim] at positions start..start+T-1 of a layer (reserved beforehand); return
         the keys and values of positions 0..start+T-1, [1, kv_heads, start+T, head_dim] views."""

@@ -50,3 +50,34 @@ def test_quantized_linear_on_cuda_equals_the_same_quantization_on_cpu(precision)
     dense = x.float() @ cpu.dequantize(torch.float32).t()
     got = gpu(x.to("cuda")).float().cpu()
     assert torch.allclose(got, dense, rtol=2e-2, atol=2e-2 * dense.abs().max().item())
+
+
+@pytest.mark.parametrize("name,precision", [("v2", "fp32"), ("v3", "bf16"), ("v2", "int4"), ("v2_int8", "int8")])
+def test_cuda_graph_decode_equals_eager_decode(name, precision, monkeypatch):
+    """Two sequences taking turns with the one graph (each taking its tensor in turn), against the same steps run
+    eagerly."""
+    engine = glm_core.load(str(FIXTURES / name), precision=precision, device="cuda")
+    assert engine.batcher.graphed is not None
+    prompts = [engine.prompt_ids([{"role": "user", "content": q}]) for q in ("你好", "晚上睡不着应该怎么办")]
+
+    def run(batcher) -> list[list[torch.Tensor]]:
+        seqs = [batcher.open(p) for p in prompts]
+        out = []
+        for seq in seqs:
+            logits = None
+            while logits is None:
+                logits = batcher.step(seq, []).get(seq)
+            out.append([logits])
+        for _ in range(6):
+            for seq, steps in zip(seqs, out):
+                steps.append(batcher.step(None, [(seq, int(steps[-1].argmax()))])[seq])
+        for seq in seqs:
+            batcher.close(seq, keep=False)
+        return out
+    graphed = run(engine.batcher)
+    assert engine.batcher.graphed.captures == 1
+    eager = run(type(engine.batcher)(engine.model))
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    for g_steps, e_steps in zip(graphed, eager):
+        for g, e in zip(g_steps, e_steps):
+            assert (g - e).abs().max() <= tolerance * e.abs().max()

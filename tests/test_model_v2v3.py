@@ -154,3 +154,22 @@ def test_long_context_rotary_per_version():
     dim = v3.head_dim // 2
     expected = torch.cos(1.0 / 500000.0 ** (torch.arange(0, dim, 2).float() / dim))
     assert torch.allclose(cos.flatten(), expected, atol=1e-6)
+
+
+def test_a_step_at_a_tensor_position_equals_the_eager_step(case):
+    """decode_at (what a CUDA graph captures) on a full-length cache gives the eager step's logits."""
+    model, golden, _ = case
+    ids = golden["sequences"]["s2_len40"]
+    eager, fixed = model.new_cache(), model.new_cache()
+    model.prepare(eager, ids)
+    model.prepare(fixed, ids)
+    model.forward([(eager, ids)])
+    model.forward([(fixed, ids)])
+    fixed.reserve_full()
+    token = 7
+    for _ in range(3):
+        expected = model.forward([(eager, [token])])[0]
+        got = model.decode_at(fixed, torch.tensor([token]), torch.tensor([len(fixed.ids)]))[0]
+        fixed.ids.append(token)
+        assert_close(got, expected)
+        token = int(expected.argmax())
