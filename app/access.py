@@ -40,6 +40,10 @@ def private_file(path: Path, make: bytes) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:   # copied in or loosened by hand: others may have read it, and must not from now on
+            os.chmod(path, 0o600)
+            log.warning("%s could be read by other users (mode %o); it is now readable by you only", path, mode)
         return path.read_bytes()
     with os.fdopen(fd, "wb") as f:
         f.write(make)

@@ -31,10 +31,11 @@ from glm_core import GenerationParams, PromptTooLongError
 from glm_core.service import ServiceBusy
 
 from . import runtime
-from .chat import ChatError
+from .chat import ChatError, first_stop
 
 log = logging.getLogger(__name__)
 POLL_S = 0.02                 # how often a response looks for new text
+MAX_BODY_BYTES = 8 << 20      # a request body beyond this is refused (413) before it is read whole
 ROLES = ("system", "user", "assistant", "observation")
 
 
@@ -182,7 +183,7 @@ class StopStrings:
         self.stops, self.sent, self.hit = stops, 0, False
 
     def release(self, text: str, final: bool) -> str:
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = first_stop(text, self.stops)
         if cut >= 0:
             self.hit, end = True, cut
         elif final or not self.stops:
@@ -206,6 +207,19 @@ def usage(request) -> dict:
             "total_tokens": stats.prompt_tokens + stats.new_tokens}
 
 
+async def read_body(http: HttpRequest) -> bytes:
+    too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", code="request_too_large")
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    body = bytearray()
+    async for part in http.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise too_big
+    return bytes(body)
+
+
 async def models_route(http: HttpRequest) -> JSONResponse:
     try:
         caller(http)
@@ -220,16 +234,17 @@ async def chat_route(http: HttpRequest):
     try:
         owner = caller(http)
         try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
+            body = json.loads(await read_body(http))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise ApiError(400, "the request body is not valid JSON (or is nested too deeply)") from None
         asked = parse(body)
         name = served_model()
         if asked.model != name:
             raise ApiError(404, f"The model {asked.model!r} does not exist here; this server runs {name!r}.",
                            param="model", code="model_not_found")
         try:
-            turn = runtime.chat().reply_to(owner, asked.messages, asked.params, log_as=asked.user)
+            turn = runtime.chat().reply_to(owner, asked.messages, asked.params, log_as=asked.user,
+                                              stop_strings=asked.stop)
         except PromptTooLongError as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
         except ChatError as e:

@@ -52,6 +52,12 @@ class Turn:
     conversation_id: str | None = None
     reply_id: int | None = None
     saved: threading.Event = field(default_factory=threading.Event)   # the finished reply is in the store
+    stop_strings: list[str] = field(default_factory=list)   # the reply ends before the first of these (API `stop`)
+
+
+def first_stop(text: str, stops: list[str]) -> int:
+    """Where the first of the stop strings begins in text; -1 when none is in it."""
+    return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
 
 
 class ChatService:
@@ -125,7 +131,7 @@ class ChatService:
     # -- a reply to messages given whole (the HTTP API) ----------------------------------------------
 
     def reply_to(self, owner: str, messages: list[dict], params: GenerationParams | None = None,
-                 log_as: str | None = None) -> Turn:
+                 log_as: str | None = None, stop_strings: list[str] | None = None) -> Turn:
         """Reply to messages given by the caller. With `log_as` the exchange (the last user message and the reply)
         is also saved, in the conversation of that name owned by `owner` (created on first use). The messages must
         fit the context as given (their caller chose them). Raises PromptTooLongError / ServiceBusy / ChatError
@@ -133,7 +139,7 @@ class ChatService:
         for m in messages:
             self.check_input(m.get("content", ""))
         request = self.models.submit(messages, params, owner=owner, whole=True)
-        turn = Turn(request)
+        turn = Turn(request, stop_strings=list(stop_strings or []))
         if log_as is not None:
             turn.conversation_id = self._logged_conversation(owner, log_as)
             if messages and messages[-1]["role"] == "user":
@@ -187,8 +193,13 @@ class ChatService:
                 log.exception("saving reply %s failed while it streamed", reply.message_id)
             finally:
                 try:
-                    cleaned = request.clean(request.text)
-                    reply.finish(request.finish_reason or "error", request.stats.to_dict(), request.error or None,
+                    reason, error = request.finish_reason or "error", request.error or None
+                    cut = first_stop(request.text, turn.stop_strings)
+                    text = request.text if cut < 0 else request.text[:cut]
+                    if cut >= 0:   # the caller ended it there (the request was cancelled when the stop showed)
+                        reason, error = "stop", None
+                    cleaned = request.clean(text)
+                    reply.finish(reason, request.stats.to_dict(), error,
                                  content=cleaned if cleaned != request.text else None)
                     if request.engine_name:
                         self.store.update_conversation(turn.conversation_id, owner, model=request.engine_name,

@@ -11,7 +11,7 @@ from glm_core import GenerationParams
 from storage import EVERYONE, InvalidImport, NotOwnerError
 
 FINISH_NOTES = {"length": "cut at the length limit", "stopped": "stopped", "error": "failed"}
-REDRAW_S = 0.15   # a streaming reply is drawn at most this often: rendering stays off the model's way
+REDRAW_S = 0.3   # a streaming reply is drawn at most this often: rendering stays off the model's way
 
 store = store_or_stop()
 owner = visitor()

@@ -121,12 +121,12 @@ with st.form("remote"):
     listed = st.form_submit_button("List its models", icon=":material/list:")
 if listed and base_url.strip():
     try:
-        st.session_state.remote = (base_url.strip(), api_key, RemoteServer(base_url.strip(), api_key, timeout_s=10).models())
+        st.session_state.remote_listing = (base_url.strip(), api_key, RemoteServer(base_url.strip(), api_key, timeout_s=10).models())
     except RemoteError as e:
-        st.session_state.pop("remote", None)
+        st.session_state.pop("remote_listing", None)
         error(str(e))
-if st.session_state.get("remote"):
-    url, key, served = st.session_state.remote
+if st.session_state.get("remote_listing"):
+    url, key, served = st.session_state.remote_listing
     if not served:
         st.info(plain_text(f"{url} serves no model."))
     else:

@@ -2,13 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-
-# OpenMP worker threads that spin while they wait hold the core that another process (or the app's own threads)
-# needs, and every step then stalls on them: with one of two cores kept busy, decode fell 20x spinning and about
-# 2x waiting passively (BENCHMARKS.md, busy CPU). Read when torch loads OpenMP, so set before; the user's wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .engines import REMOTE, Engine, ModelLoadError, Progress, load_glm, load_remote, load_transformers
 from .generate import GenerationParams, PromptTooLongError, ReplyStats

@@ -52,6 +52,7 @@ WARMUP_TOKENS = 80          # more rows than quant.DENSE_MIN_ROWS: the warm-up r
 BANDWIDTH_MIB = 2048        # far beyond any CPU's last-level cache (260 MiB on the largest seen here)
 SHARD_BYTES = 2 * 10**9     # random checkpoints come in shards of about this size, as the official ones
 RANDOM = "random:"
+SAMPLE_S = 0.02             # how often the concurrency run counts the tokens generated so far
 RANDOM_NOTE = "random weights: quality cannot be measured"
 
 # The official config.json of each model, as far as the loader reads it.
@@ -95,7 +96,7 @@ PUBLISHED = {
 # Every result object has these keys (None where not measured); `error` is set when its child failed.
 RESULT_KEYS = ("model", "precision", "device", "busy", "prompt_tokens", "new_tokens", "repeats", "concurrency", "load_s",
                "weights_gb", "rss_gb", "load_peak_rss_gb", "peak_rss_gb", "vram_peak_gb", "prefill_tok_s",
-               "prefill_gflops", "ttft_s", "ttft_max_s", "decode_tok_s", "aggregate_decode_tok_s",
+               "prefill_gflops", "ttft_s", "ttft_max_s", "decode_tok_s", "aggregate_decode_tok_s", "batched_decode_tok_s",
                "bytes_per_token_gb", "decode_limit_tok_s", "decode_fraction_of_limit", "top1_agreement", "mean_kl",
                "perplexity", "quality_note", "machine", "error")
 
@@ -135,6 +136,7 @@ def check_spec(spec: BenchSpec) -> None:
         raise BenchError(f"concurrency must be at least 1, got {spec.concurrent}")
     if spec.model.startswith(RANDOM):
         random_config(spec.model[len(RANDOM):])
+        check_disk(spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,8 +422,10 @@ def time_concurrent(subject: Subject, n: int, streams: int, new_tokens: int) -> 
         service.wait_loaded()
         params = GenerationParams(max_new_tokens=new_tokens, do_sample=False)
         requests = [service.submit(prompt_ids=subject.prompt(n), params=params) for _ in range(streams)]
-        for request in requests:
-            request.result()
+        samples: list[tuple[float, int]] = []
+        while not all(r.done for r in requests):
+            samples.append((time.perf_counter(), sum(r.stats.new_tokens for r in requests)))
+            time.sleep(SAMPLE_S)
     finally:
         service.close()
     errors = [r.error for r in requests if r.error]
@@ -430,8 +434,20 @@ def time_concurrent(subject: Subject, n: int, streams: int, new_tokens: int) -> 
     decoded = sum(r.stats.new_tokens - 1 for r in requests)
     window = max(r.finished_at for r in requests) - min(r.first_token_at for r in requests)
     ttft = [r.first_token_at - r.submitted_at for r in requests]
-    return {"aggregate_decode_tok_s": decoded / window, "ttft_s": statistics.median(ttft), "ttft_max_s": max(ttft),
+    return {"aggregate_decode_tok_s": decoded / window, "batched_decode_tok_s": together(requests, samples),
+            "ttft_s": statistics.median(ttft), "ttft_max_s": max(ttft),
             "decode_tok_s": statistics.median(r.stats.decode_tok_s for r in requests)}
+
+
+def together(requests: list, samples: list[tuple[float, int]]) -> float | None:
+    """Tokens/s of all streams while every one of them decodes (after the last first token, before the first
+    finish): the batch's own speed, without the joining prompts' prefills the aggregate figure also holds.
+    `samples`: (time, tokens generated so far by all) taken as they ran."""
+    start, end = max(r.first_token_at for r in requests), min(r.finished_at for r in requests)
+    inside = [(t, n) for t, n in samples if start <= t <= end]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] <= 0:
+        return None
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
 def peak_rss_bytes() -> int:
@@ -496,6 +512,7 @@ def child(job: dict) -> None:
                     "prefill_tok_s": n / timing["prefill_s"],
                     "prefill_gflops": prefill_flops(subject.module, n) / timing["prefill_s"] / 1e9,
                     "ttft_s": timing["ttft_s"], "decode_tok_s": decode_tok_s, "aggregate_decode_tok_s": decode_tok_s,
+                    "batched_decode_tok_s": decode_tok_s,
                     "bytes_per_token_gb": per_token / GIB, "decode_limit_tok_s": limit,
                     "decode_fraction_of_limit": decode_tok_s / limit if limit else None,
                 }
@@ -706,6 +723,7 @@ COLUMNS = [("precision", "precision", "{}"), ("prompt", "prompt_tokens", "{}"), 
            ("peak GiB", "peak_rss_gb", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.1f}"),
            ("GFLOP/s", "prefill_gflops", "{:.0f}"), ("ttft s", "ttft_s", "{:.2f}"),
            ("decode tok/s", "decode_tok_s", "{:.2f}"), ("all streams tok/s", "aggregate_decode_tok_s", "{:.2f}"),
+           ("batched tok/s", "batched_decode_tok_s", "{:.2f}"),
            ("limit tok/s", "decode_limit_tok_s", "{:.2f}"), ("of limit", "decode_fraction_of_limit", "{:.0%}"),
            ("top-1", "top1_agreement", "{:.1%}"), ("mean KL", "mean_kl", "{:.4f}"), ("ppl", "perplexity", "{:.2f}")]
 

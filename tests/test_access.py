@@ -1,5 +1,6 @@
 """Operator and guests through AppTest and the access rules: what a guest cannot see or do, the limits, the
 exposure the operator is told about, and what an error shows."""
+import re
 import shutil
 import tomllib
 from types import SimpleNamespace
@@ -92,7 +93,9 @@ def test_benchmarks_are_the_operators_one_at_a_time_with_room_on_disk(monkeypatc
 def test_the_operator_is_told_how_the_server_is_exposed(monkeypatch):
     monkeypatch.delenv("GLM_STUDIO_PASSWORD", raising=False)
     operator = app(role="operator")
-    assert any("password off" in shown(c) for c in operator.caption)
+    exposure_line = next(shown(c) for c in operator.caption if "password off" in shown(c))
+    assert re.search(r"Bound to (every interface|0\.0\.0\.0) .* [1-9]\d* visitors in the last 5 minutes",
+                     exposure_line), exposure_line
     assert any("GLM_STUDIO_PASSWORD" in shown(w) for w in operator.warning)
     guest = app()
     assert not guest.warning and not any("password off" in shown(c) for c in guest.caption)
@@ -127,6 +130,9 @@ def test_visitor_cookies_are_signed_with_a_private_server_secret(tmp_path):
     assert access.visitor_from_cookie(cookie[:-1] + ("0" if cookie[-1] != "0" else "1")) is None   # forged
     assert Access(tmp_path).visitor_from_cookie(cookie) == visitor                       # the secret is kept
     assert Access(tmp_path / "elsewhere").visitor_from_cookie(cookie) is None
+    (tmp_path / "server-secret").chmod(0o644)   # loosened by hand: tightened again, the secret kept
+    assert Access(tmp_path).visitor_from_cookie(cookie) == visitor
+    assert (tmp_path / "server-secret").stat().st_mode & 0o777 == 0o600
 
 
 def test_model_paths_are_registry_hub_or_under_the_models_dir(monkeypatch, tmp_path):

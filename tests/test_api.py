@@ -2,6 +2,7 @@
 route of the Streamlit server), beside a browser visitor; and GLM Studio as the client of another server's API."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -23,19 +24,23 @@ MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+def wait_for_the_model(url: str) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
+    deadline = time.time() + 180
+    while True:   # the model loads as the server starts
+        try:
+            client.models.list()
+            return
+        except openai.APIStatusError as e:
+            if e.status_code != 503 or time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def server():
     with streamlit_server(env={"GLM_STUDIO_API_KEYS": f"{KEY},another-key", "GLM_STUDIO_MAX_BATCH": "3"}) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
-        deadline = time.time() + 180
-        while True:   # the model loads as the server starts
-            try:
-                client.models.list()
-                break
-            except openai.APIStatusError as e:
-                if e.status_code != 503 or time.time() > deadline:
-                    raise
-                time.sleep(1)
+        wait_for_the_model(url)
         yield url
 
 
@@ -113,37 +118,107 @@ def test_errors_in_openais_format(server, client):
     assert e.value.param == "messages"
 
 
-def test_a_client_that_goes_away_frees_its_place(client):
-    """The server has 3 places: three streams that disconnect early must leave room for a fourth request."""
-    long = [{"role": "user", "content": "Write a very long story about a dragon, with many chapters."}]
-    for _ in range(3):
-        stream = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1000, stream=True)
-        for i, _chunk in enumerate(stream):
-            if i == 3:
+def test_a_body_too_big_or_too_deep_is_refused(server):
+    def post(body: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{server}/v1/chat/completions", data=body, method="POST", headers={
+            "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+    # a body declared over the limit is refused before it is read: send the headers and a little of it only (a
+    # client that kept sending would see the connection closed under it)
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {9 << 20}\r\n\r\n".encode() + b" " * 1024)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            part = conn.recv(65536)
+            if not part:
                 break
-        stream.close()   # disconnect mid-stream
-    start = time.time()
-    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
-    assert reply.choices[0].message.content
-    assert time.time() - start < 60, "the abandoned streams kept their places"
+            answer += part
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and json.loads(payload)["error"]["code"] == "request_too_large"
+    status, body = post(b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "JSON" in body["error"]["message"]
 
 
-def test_the_user_field_keeps_the_exchange_for_the_operator(server, client):
-    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8, user="alice")
+def test_a_full_server_says_overloaded_and_clients_that_go_away_free_their_places():
+    """One place in the batch and one in line: a third request is refused with 503 overloaded; once the two
+    streams disconnect, a new request is answered at once (undisconnected, their 2000-token stories would hold
+    both places for minutes)."""
+    story = [{"role": "user", "content": "Write a very long story about a dragon, with many chapters."}]
+    with streamlit_server(env={"GLM_STUDIO_API_KEYS": KEY, "GLM_STUDIO_MAX_BATCH": "1",
+                               "GLM_STUDIO_MAX_QUEUE": "1"}) as url:
+        wait_for_the_model(url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
+        running = client.chat.completions.create(model=MODEL, messages=story, max_tokens=2000, stream=True)
+        next(iter(running))
+        waiting = client.chat.completions.create(model=MODEL, messages=story, max_tokens=2000, stream=True)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8)
+        assert e.value.status_code == 503 and e.value.code == "overloaded"
+        running.close()
+        waiting.close()
+        start = time.time()
+        while True:   # the server notices a disconnect within a poll
+            try:
+                reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
+                break
+            except openai.APIStatusError as e:
+                assert e.status_code == 503 and time.time() - start < 5, "the abandoned streams kept their places"
+                time.sleep(0.2)
+        assert reply.choices[0].message.content and time.time() - start < 30
+
+
+def test_no_model_loaded_is_503_with_the_reason(tmp_path):
+    with streamlit_server(env={"GLM_STUDIO_API_KEYS": KEY, "GLM_STUDIO_MODEL": str(tmp_path / "no-such-model")}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        deadline = time.time() + 120
+        while True:
+            with pytest.raises(openai.APIStatusError) as e:
+                client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8)
+            assert e.value.status_code == 503 and e.value.code == "model_not_loaded"
+            if "loading" not in str(e.value):
+                break
+            assert time.time() < deadline
+            time.sleep(0.5)
+        assert "no-such-model" in str(e.value)
+
+
+def kept_exchange(user: str) -> tuple[dict, list[dict]]:
+    """The conversation an API call with `user` was kept in, and its messages once the reply is saved."""
     from storage import EVERYONE, Store
     store = Store(os.environ["GLM_STUDIO_DB"])
     try:
-        conversation = next(c for c in store.list_conversations(EVERYONE) if c["title"] == "API · alice")
+        conversation = next(c for c in store.list_conversations(EVERYONE) if c["title"] == f"API · {user}")
         deadline = time.time() + 30
         while (messages := store.messages(conversation["id"], EVERYONE))[-1]["finish_reason"] is None:
             assert time.time() < deadline
             time.sleep(0.2)
     finally:
         store.close()
+    return conversation, messages
+
+
+def test_the_user_field_keeps_the_exchange_for_the_operator(server, client):
+    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8, user="alice")
+    conversation, messages = kept_exchange("alice")
     assert conversation["owner"].startswith("api-") and KEY not in conversation["owner"]
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"]
     operator = openai.OpenAI(base_url=f"{server}/v1", api_key=OPERATOR_SECRET, max_retries=0)
     assert operator.models.list().data   # the operator's secret is a key too
+
+
+def test_a_kept_exchange_ends_where_the_stop_string_ended_the_reply(server, client):
+    story = [{"role": "user", "content": "Write three short lines about cats, one per line."}]
+    cut = client.chat.completions.create(model=MODEL, messages=story, temperature=0, max_tokens=60, stop=["\n"],
+                                         user="bob")
+    assert cut.choices[0].finish_reason == "stop"
+    _, messages = kept_exchange("bob")
+    assert (messages[-1]["content"], messages[-1]["finish_reason"]) == (cut.choices[0].message.content, "stop")
 
 
 def test_two_api_streams_and_a_browser_visitor_at_once(server, client):

@@ -3,6 +3,7 @@ weights at true size (on tiny configs), the CLI's table and JSON, cancel. Correc
 import json
 import math
 import threading
+from types import SimpleNamespace
 from contextlib import contextmanager
 
 import psutil
@@ -168,6 +169,26 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--random", "chatglm9-6b"])
     assert "chatglm2-6b" in capsys.readouterr().err
+
+
+def test_concurrent_streams_report_aggregate_and_batched_decode():
+    spec = bench.BenchSpec(model=V2, precisions=["fp32"], prompt_tokens=[8], new_tokens=48, concurrent=[1, 3],
+                           quality=False)
+    rows = bench.run(spec)["results"]
+    assert [r["concurrency"] for r in rows] == [1, 3] and all(r["error"] is None for r in rows)
+    three = rows[1]
+    assert three["ttft_max_s"] >= three["ttft_s"] > 0
+    assert three["aggregate_decode_tok_s"] > three["decode_tok_s"] > 0   # three streams outrun one of them
+    assert three["batched_decode_tok_s"] > 0   # measured while all three decode together
+
+
+def test_cli_checks_the_free_disk_before_writing_random_weights(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("GLM_STUDIO_CACHE", str(tmp_path))
+    monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**11, used=0, free=2 * 10**9))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--random", "chatglm2-6b"])
+    assert exit_info.value.code == 2 and "only 2.0 GB is free" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_cancel_kills_the_running_child():

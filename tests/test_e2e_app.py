@@ -5,7 +5,8 @@ import time
 import pytest
 from playwright.sync_api import Page, expect
 
-from e2e import ARTIFACTS, OPERATOR_SECRET, browser, streamlit_server
+from app.access import FREE_GUESSES
+from e2e import ARTIFACTS, OPERATOR_SECRET, browser, server_log, streamlit_server
 
 LONG = 240_000
 
@@ -218,9 +219,23 @@ def test_password_gate_in_the_browser(chromium):
         field = page.get_by_label("Access password")
         expect(field).to_be_visible(timeout=60_000)
         expect(page.get_by_role("link", name="Chat", exact=True)).to_have_count(0)
-        field.fill("nope")
+        def wrong_guesses_logged() -> int:
+            return server_log(url).count(" password from ")
+
+        for guess in range(FREE_GUESSES):
+            field.fill(f"nope {guess}")
+            page.get_by_role("button", name="Enter").click()
+            deadline = time.time() + 30
+            while wrong_guesses_logged() <= guess:   # each guess checked (and logged) before the next
+                assert time.time() < deadline
+                time.sleep(0.1)
+            expect(page.get_by_text("Wrong password.")).to_be_visible(timeout=30_000)
+        field.fill("open sesame")   # right, but tried inside the wait the wrong ones earned: refused unchecked
         page.get_by_role("button", name="Enter").click()
-        expect(page.get_by_text("Wrong password.")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("Too many wrong passwords from this address")).to_be_visible(timeout=30_000)
+        expect(page.get_by_role("link", name="Chat", exact=True)).to_have_count(0)
+        assert wrong_guesses_logged() == FREE_GUESSES   # the refused try was not even checked
+        time.sleep(1.5)
         field.fill("open sesame")
         page.get_by_role("button", name="Enter").click()
         expect(page.get_by_role("link", name="Chat", exact=True)).to_be_visible(timeout=60_000)

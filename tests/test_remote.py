@@ -445,6 +445,24 @@ def test_fake_not_an_openai_api_is_a_clear_error(fake):
         list(RemoteServer(fake.url).stream_chat("fake", MSG, GREEDY))
 
 
+def test_the_models_page_lists_another_servers_models(fake):
+    """The operator's form: base URL and key -> the server's model list to choose from; a server that is not an
+    OpenAI-compatible one is said so, as text."""
+    from test_app_pages import app, shown
+    at = app("app_pages/models.py", role="operator")
+    url_field = next(t for t in at.text_input if t.label == "Base URL")
+    url_field.set_value(fake.url)
+    next(t for t in at.text_input if t.label == "API key").set_value("k")
+    next(b for b in at.button if b.label == "List its models").click().run()
+    assert not at.exception, at.exception
+    choice = next(s for s in at.selectbox if s.label.startswith("Models of"))
+    assert choice.options == ["fake"] and any(b.label == "Use this model" for b in at.button)
+    next(t for t in at.text_input if t.label == "Base URL").set_value(f"http://127.0.0.1:{free_port()}/v1")
+    next(b for b in at.button if b.label == "List its models").click().run()
+    assert any("127.0.0.1" in shown(e) for e in at.error)
+    assert not any(s.label.startswith("Models of") for s in at.selectbox)
+
+
 def test_glm_studio_chats_through_llama_cpps_server(llama_server, tmp_path):
     """The whole path, as with a local model: the Models page's choice (remote:URL#MODEL), the model service, the
     chat turn, Stop and the saved stats, against llama.cpp's own server."""
