@@ -9,7 +9,7 @@ import glm_core
 from conftest import FIXTURES
 from glm_core import quant
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (checked on a lent H100)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it on a lent GPU machine)")
 GOLDEN = FIXTURES / "golden"
 
 
