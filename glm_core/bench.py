@@ -40,8 +40,10 @@ from torch import nn
 
 from .engines import Engine, tensor_bytes
 from .kvcache import KVCache
-from .quant import Int8Embedding, QuantizedLinear
+from .quant import Int8Embedding, QuantizedLinear, storage_key
 from .registry import PRECISIONS, cache_root
+from .service import ModelService
+from .threads import ThreadPolicy
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ PUBLISHED = {
 RESULT_KEYS = ("model", "precision", "device", "busy", "prompt_tokens", "new_tokens", "repeats", "concurrency", "load_s",
                "weights_gb", "rss_gb", "load_peak_rss_gb", "peak_rss_gb", "vram_peak_gb", "prefill_tok_s",
                "prefill_gflops", "ttft_s", "ttft_max_s", "decode_tok_s", "aggregate_decode_tok_s", "batched_decode_tok_s",
-               "bytes_per_token_gb", "decode_limit_tok_s", "decode_fraction_of_limit", "top1_agreement", "mean_kl",
+               "threads", "bytes_per_token_gb", "decode_limit_tok_s", "decode_fraction_of_limit", "top1_agreement", "mean_kl",
                "perplexity", "quality_note", "machine", "error")
 
 
@@ -346,9 +348,9 @@ def bytes_read_per_token(module: nn.Module) -> int:
 
     def is_table(m: nn.Module) -> bool:
         return isinstance(m, (nn.Embedding, Int8Embedding))
-    elsewhere = {t.data_ptr() for m in module.modules() if not is_table(m) for t in own(m)}
-    lookup_only = {t.data_ptr(): t.nbytes for m in module.modules() if is_table(m)
-                   for t in own(m) if t.data_ptr() not in elsewhere}
+    elsewhere = {storage_key(t) for m in module.modules() if not is_table(m) for t in own(m)}
+    lookup_only = {storage_key(t): t.nbytes for m in module.modules() if is_table(m)
+                   for t in own(m) if storage_key(t) not in elsewhere}
     return tensor_bytes(module) - sum(lookup_only.values())
 
 
@@ -384,50 +386,45 @@ def greedy(logits: torch.Tensor, vocab_limit: int | None) -> int:
     return int(logits[:vocab_limit].argmax())
 
 
-def time_generation(subject: Subject, ids: list[int], new_tokens: int, device: str) -> dict:
+def time_generation(subject: Subject, ids: list[int], new_tokens: int, device: str,
+                    threads: ThreadPolicy | None = None) -> dict:
     """One greedy generation from an empty cache through the engine's batcher (a batch of one, as a lone visitor
-    is served): prefill seconds, time to first token, decode seconds."""
+    is served): prefill seconds, time to first token, decode seconds. Run it in the service's worker thread
+    (`service.call`), with the service's thread policy, as the app's replies run."""
     batcher, vocab_limit = subject.engine.batcher, subject.engine.vocab_limit
+    step = batcher.step if threads is None else lambda *args: (threads.update(), batcher.step(*args))[1]
     batcher.clear()
     start = time.perf_counter()
     seq = batcher.open(ids)
     logits = None
     while logits is None:
-        logits = batcher.step(seq, []).get(seq)
+        logits = step(seq, []).get(seq)
     sync(device)
     prefilled = time.perf_counter()
     token = greedy(logits, vocab_limit)
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
-        token = greedy(batcher.step(None, [(seq, token)])[seq], vocab_limit)
+        token = greedy(step(None, [(seq, token)])[seq], vocab_limit)
     sync(device)
     end = time.perf_counter()
     kv = kv_bytes_per_position(batcher, seq)
     batcher.close(seq, keep=False)
-    return {"prefill_s": prefilled - start, "ttft_s": first - start, "decode_s": end - first, "kv_bytes": kv}
+    return {"prefill_s": prefilled - start, "ttft_s": first - start, "decode_s": end - first, "kv_bytes": kv,
+            "threads": threads.threads if threads is not None else torch.get_num_threads()}
 
 
-def time_concurrent(subject: Subject, n: int, streams: int, new_tokens: int) -> dict:
-    """`streams` greedy requests of n-id prompts submitted at once to a model service around the engine (batched
+def time_concurrent(service: ModelService, subject: Subject, n: int, streams: int, new_tokens: int) -> dict:
+    """`streams` greedy requests of n-id prompts submitted at once to the model service around the engine (batched
     as visitors are): aggregate decode tokens/s from the first first token to the last token, the median stream's
     decode tokens/s, and the median and longest time to first token (from submission)."""
     from .generate import GenerationParams
-    from .service import ModelService
-    engine = subject.engine
-    engine.batcher.clear()
-    service = ModelService(engine.name, engine.precision, engine.device, max_batch=streams,
-                           load=lambda *args, **kwargs: engine)
-    try:
-        service.ensure_loading()
-        service.wait_loaded()
-        params = GenerationParams(max_new_tokens=new_tokens, do_sample=False)
-        requests = [service.submit(prompt_ids=subject.prompt(n), params=params) for _ in range(streams)]
-        samples: list[tuple[float, int]] = []
-        while not all(r.done for r in requests):
-            samples.append((time.perf_counter(), sum(r.stats.new_tokens for r in requests)))
-            time.sleep(SAMPLE_S)
-    finally:
-        service.close()
+    subject.engine.batcher.clear()
+    params = GenerationParams(max_new_tokens=new_tokens, do_sample=False)
+    requests = [service.submit(prompt_ids=subject.prompt(n), params=params) for _ in range(streams)]
+    samples: list[tuple[float, int]] = []
+    while not all(r.done for r in requests):
+        samples.append((time.perf_counter(), sum(r.stats.new_tokens for r in requests)))
+        time.sleep(SAMPLE_S)
     errors = [r.error for r in requests if r.error]
     if errors:
         raise BenchError(errors[0])
@@ -436,7 +433,8 @@ def time_concurrent(subject: Subject, n: int, streams: int, new_tokens: int) -> 
     ttft = [r.first_token_at - r.submitted_at for r in requests]
     return {"aggregate_decode_tok_s": decoded / window, "batched_decode_tok_s": together(requests, samples),
             "ttft_s": statistics.median(ttft), "ttft_max_s": max(ttft),
-            "decode_tok_s": statistics.median(r.stats.decode_tok_s for r in requests)}
+            "decode_tok_s": statistics.median(r.stats.decode_tok_s for r in requests),
+            "threads": service.threads.threads}
 
 
 def together(requests: list, samples: list[tuple[float, int]]) -> float | None:
@@ -479,50 +477,66 @@ def child(job: dict) -> None:
     precision, device, new_tokens = job["precision"], job["device"], job["new_tokens"]
     try:
         with torch.inference_mode():
+            # the model loads and runs in a model service's worker thread, as the app's do
+            loaded: list[Subject] = []
+
+            def load(*args, **kwargs) -> Engine:
+                loaded.append(load_subject(job))
+                return loaded[0].engine
             start = time.perf_counter()
-            subject = load_subject(job)
-            sync(device)
-            load_s = time.perf_counter() - start
-            load_peak = peak_rss_bytes()
-            gc.collect()
-            rss = psutil.Process().memory_info().rss
-            say(type="step", label=f"{precision}: loaded in {load_s:.1f} s")
-            warm = subject.prompt(min(WARMUP_TOKENS, max(job["prompt_tokens"])))
-            time_generation(subject, warm, 3, device)
-            weights, read = tensor_bytes(subject.module), bytes_read_per_token(subject.module)
-            results = []
-            for n in sorted(job["prompt_tokens"]):
-                ids = subject.prompt(n)
-                runs = []
-                for r in range(job["repeats"]):
-                    runs.append(time_generation(subject, ids, new_tokens, device))
-                    say(type="step", label=f"{precision}: prompt {n}, run {r + 1} of {job['repeats']}")
-                timing = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-                decode_tok_s = (new_tokens - 1) / timing["decode_s"]
-                # mean bytes a decode step reads: the weights, and the cache at the middle of the reply
-                per_token = read + timing["kv_bytes"] * (n + new_tokens / 2)
-                bandwidth = job.get("bandwidth_gbps")
-                limit = bandwidth * 1e9 / per_token if bandwidth and device == "cpu" else None
-                row = {
-                    "model": job["model"], "precision": precision, "device": device, "prompt_tokens": n,
-                    "new_tokens": new_tokens, "repeats": job["repeats"], "concurrency": 1, "load_s": load_s,
-                    "weights_gb": weights / GIB, "rss_gb": rss / GIB, "load_peak_rss_gb": load_peak / GIB,
-                    "peak_rss_gb": peak_rss_bytes() / GIB,
-                    "vram_peak_gb": torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None,
-                    "prefill_tok_s": n / timing["prefill_s"],
-                    "prefill_gflops": prefill_flops(subject.module, n) / timing["prefill_s"] / 1e9,
-                    "ttft_s": timing["ttft_s"], "decode_tok_s": decode_tok_s, "aggregate_decode_tok_s": decode_tok_s,
-                    "batched_decode_tok_s": decode_tok_s,
-                    "bytes_per_token_gb": per_token / GIB, "decode_limit_tok_s": limit,
-                    "decode_fraction_of_limit": decode_tok_s / limit if limit else None,
-                }
-                results.append(row)
-                for streams in sorted(set(job.get("concurrent") or []) - {1}):
-                    timing = time_concurrent(subject, n, streams, new_tokens)
-                    results.append({**row, "concurrency": streams, "prefill_tok_s": None, "prefill_gflops": None,
-                                    "decode_limit_tok_s": None, "decode_fraction_of_limit": None,
-                                    "peak_rss_gb": peak_rss_bytes() / GIB, **timing})
-                    say(type="step", label=f"{precision}: prompt {n}, {streams} streams at once")
+            service = ModelService(job["model"], precision, device, max_batch=max(job.get("concurrent") or [1]),
+                                   load=load)
+            try:
+                service.ensure_loading()
+                service.wait_loaded()
+                subject = loaded[0]
+                service.call(lambda: sync(device)).result()
+                load_s = time.perf_counter() - start
+                load_peak = peak_rss_bytes()
+                gc.collect()
+                rss = psutil.Process().memory_info().rss
+                say(type="step", label=f"{precision}: loaded in {load_s:.1f} s")
+
+                def solo(ids: list[int], tokens: int) -> dict:
+                    return service.call(lambda: time_generation(subject, ids, tokens, device, service.threads)).result()
+                warm = subject.prompt(min(WARMUP_TOKENS, max(job["prompt_tokens"])))
+                solo(warm, 3)
+                weights, read = tensor_bytes(subject.module), bytes_read_per_token(subject.module)
+                results = []
+                for n in sorted(job["prompt_tokens"]):
+                    ids = subject.prompt(n)
+                    runs = []
+                    for r in range(job["repeats"]):
+                        runs.append(solo(ids, new_tokens))
+                        say(type="step", label=f"{precision}: prompt {n}, run {r + 1} of {job['repeats']}")
+                    timing = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+                    decode_tok_s = (new_tokens - 1) / timing["decode_s"]
+                    # mean bytes a decode step reads: the weights, and the cache at the middle of the reply
+                    per_token = read + timing["kv_bytes"] * (n + new_tokens / 2)
+                    bandwidth = job.get("bandwidth_gbps")
+                    limit = bandwidth * 1e9 / per_token if bandwidth and device == "cpu" else None
+                    row = {
+                        "model": job["model"], "precision": precision, "device": device, "prompt_tokens": n,
+                        "new_tokens": new_tokens, "repeats": job["repeats"], "concurrency": 1, "load_s": load_s,
+                        "weights_gb": weights / GIB, "rss_gb": rss / GIB, "load_peak_rss_gb": load_peak / GIB,
+                        "peak_rss_gb": peak_rss_bytes() / GIB,
+                        "vram_peak_gb": torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None,
+                        "prefill_tok_s": n / timing["prefill_s"],
+                        "prefill_gflops": prefill_flops(subject.module, n) / timing["prefill_s"] / 1e9,
+                        "ttft_s": timing["ttft_s"], "decode_tok_s": decode_tok_s,
+                        "aggregate_decode_tok_s": decode_tok_s, "batched_decode_tok_s": decode_tok_s,
+                        "threads": timing["threads"], "bytes_per_token_gb": per_token / GIB,
+                        "decode_limit_tok_s": limit, "decode_fraction_of_limit": decode_tok_s / limit if limit else None,
+                    }
+                    results.append(row)
+                    for streams in sorted(set(job.get("concurrent") or []) - {1}):
+                        timing = time_concurrent(service, subject, n, streams, new_tokens)
+                        results.append({**row, "concurrency": streams, "prefill_tok_s": None, "prefill_gflops": None,
+                                        "decode_limit_tok_s": None, "decode_fraction_of_limit": None,
+                                        "peak_rss_gb": peak_rss_bytes() / GIB, **timing})
+                        say(type="step", label=f"{precision}: prompt {n}, {streams} streams at once")
+            finally:
+                service.close()
             quality = None
             if job.get("quality_dir") and subject.quality_ids is not None:
                 quality = measure_quality(subject, Path(job["quality_dir"]) / f"{precision}.npz")
@@ -718,7 +732,7 @@ def add_quality(rows: list[dict], measured: dict | None, reference: tuple[str, P
 # the command line
 
 COLUMNS = [("precision", "precision", "{}"), ("prompt", "prompt_tokens", "{}"), ("new", "new_tokens", "{}"),
-           ("streams", "concurrency", "{}"),
+           ("streams", "concurrency", "{}"), ("threads", "threads", "{}"),
            ("load s", "load_s", "{:.1f}"), ("weights GiB", "weights_gb", "{:.2f}"), ("rss GiB", "rss_gb", "{:.2f}"),
            ("peak GiB", "peak_rss_gb", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.1f}"),
            ("GFLOP/s", "prefill_gflops", "{:.0f}"), ("ttft s", "ttft_s", "{:.2f}"),

@@ -313,5 +313,5 @@ def load_model(model_dir: str | Path, precision: str = "bf16", device: str = "cp
         raise CheckpointError(f"{model_dir}: tensors missing after reading {', '.join(p.name for p in shards)}: "
                               f"{listed}")
     if not exact:
-        quant.route_fp32_linears(model)
+        quant.route_linears(model)
     return model.eval()

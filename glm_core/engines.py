@@ -18,6 +18,7 @@ import torch
 
 from .batch import NativeBatcher, PaddedBatcher
 from .generate import GenerationParams, PromptTooLongError, ReplyStats, TextStream, generate
+from .quant import storage_key
 from .registry import cache_root
 
 Progress = Callable[[int, int, str], None]
@@ -125,7 +126,7 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes held by a module's parameters and buffers, shared (tied) tensors counted once."""
     seen = {}
     for t in list(module.parameters()) + list(module.buffers()):
-        seen[t.data_ptr()] = t.nbytes
+        seen[storage_key(t)] = t.nbytes
     return sum(seen.values())
 
 
@@ -255,8 +256,8 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
         # Groups of 32, as the GGUF blocks the embedded model comes from: coarser groups re-round it (top-1 67% vs 97%).
         quantize_model(hf, precision, group_size=32, skip=lambda n: n == "lm_head", exact=exact)
     if not exact:
-        from .quant import route_fp32_linears
-        route_fp32_linears(hf)
+        from .quant import route_linears
+        route_linears(hf)
     if progress:
         progress(2, 2, "ready")
 

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # the group sizes the int4 kernels accept, largest first
 DENSE_MIN_ROWS = 128                    # CPU: from this many rows on, dequantize + fp32 GEMM beats the fused kernels
 DENSE_CHUNK_ELEMENTS = 4 << 20          # weights dequantized at a time (16 MB in fp32): bounded scratch, in cache
+PACKED_MIN_ROWS = 4                     # rows oneDNN's packed products get at least (OneDnnLinear)
 INT8_KERNEL_K_MULTIPLE = 16            # _weight_int8pack_mm with bf16 input needs K % 16 (AVX-512), % 8 (AVX2)
 QUANTIZE_ROWS = 256                     # rows quantized at a time: 4 MB of fp32 scratch stays in cache (2x faster than
                                         # 2048 rows on a 2-core EPYC); whole int4 CPU blocks
@@ -77,23 +78,66 @@ def onednn_for_fp32_linears() -> bool:
     return not intel and torch.backends.mkldnn.is_available()
 
 
+def packs_for_onednn(dtype: torch.dtype) -> bool:
+    """Whether CPU linears of this dtype get oneDNN's packed weights: fp32 where oneDNN beats MKL (above), bf16
+    wherever the CPU has native bf16 (bf16 products run on oneDNN there anyway; elsewhere they are upcast)."""
+    if dtype == torch.float32:
+        return onednn_for_fp32_linears()
+    return dtype == torch.bfloat16 and not slow_half_gemm(dtype)
+
+
 class OneDnnLinear(nn.Linear):
-    """An fp32 nn.Linear on CPU whose product is oneDNN's (see onednn_for_fp32_linears); inference only."""
+    """A CPU nn.Linear whose weight is held in oneDNN's own blocked layout (an opaque tensor: no data pointer, no
+    elementwise ops), inference only. One row on a 2-core Zen 4, weights streamed from memory: bf16 27392 x 4096
+    14.8 -> 7.5 ms, 4096 x 13696 5.5 -> 4.3 ms; fp32 49152 x 576 5.2 -> 3.8 ms, against the same oneDNN product
+    on the plain weight (BENCHMARKS.md); 512 rows: the same time. Fewer than PACKED_MIN_ROWS rows are padded with
+    zero rows to that many: oneDNN's kernel for 4 rows streams the weight 1.2-1.4x faster than its kernel for one
+    (bf16, each of the 6B block's four shapes), and the arithmetic is idle on 2 cores anyway."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        if rows >= PACKED_MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        padded = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, PACKED_MIN_ROWS - rows))
+        y = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, "none", [], "")
+        return y[:rows].reshape(*x.shape[:-1], self.out_features)
+
+    def pack(self, weight: Tensor) -> None:
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach()), requires_grad=False)
+
+    # a state dict holds the plain weight, as any nn.Linear's
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight.detach().to_dense()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.weight = nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.pack(self.weight)
 
 
-def route_fp32_linears(model: nn.Module) -> int:
-    """Give the model's fp32 CPU linears oneDNN's product where it is the faster one; returns how many."""
-    if not onednn_for_fp32_linears():
-        return 0
+def route_linears(model: nn.Module) -> int:
+    """Give the model's CPU linears oneDNN's packed weights where packs_for_onednn says so; returns how many. A
+    weight another module also uses (an embedding table tied to the output layer) stays as it is."""
+    uses: dict[int, int] = {}
+    for module in model.modules():
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                uses[id(tensor)] = uses.get(id(tensor), 0) + 1
     routed = 0
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+        weight = getattr(module, "weight", None)
+        if (type(module) is nn.Linear and weight.device.type == "cpu" and uses[id(weight)] == 1
+                and packs_for_onednn(weight.dtype)):
             module.__class__ = OneDnnLinear
+            module.pack(weight)
             routed += 1
     return routed
+
+
+def storage_key(tensor: Tensor) -> int:
+    """What tells tensors sharing memory apart: the data pointer, or the tensor itself for an opaque oneDNN one."""
+    return id(tensor) if tensor.is_mkldnn else tensor.data_ptr()
 
 
 def _as_bias(bias: Tensor | None) -> nn.Parameter | None:
@@ -103,20 +147,41 @@ def _as_bias(bias: Tensor | None) -> nn.Parameter | None:
 def _dense_matmul(x: Tensor, module: nn.Module) -> Tensor:
     """x [M, in] @ W.T with W dequantized. fp32 runs as one product on W [out, in], the official CPU code op for op;
     accelerators run one product in the input dtype. On CPU half inputs are multiplied in their dtype where the
-    CPU has a native half GEMM, else in fp32 (a fast GEMM on every CPU), a chunk of output rows at a time so the
-    scratch weight stays small and in cache."""
+    CPU has a native half GEMM, else in fp32 (a fast GEMM on every CPU), a chunk of output rows at a time into one
+    scratch buffer reused for every chunk: the weight is written where the cache already holds it (a fresh
+    tensor per chunk made int4's dequantization 3x slower: page faults, not arithmetic)."""
     if x.dtype == torch.float32:
         return x.mm(module.dequantize(torch.float32).contiguous().t())
     if x.device.type != "cpu":
         return x.mm(module.dequantize(x.dtype).t())
     dtype = torch.float32 if slow_half_gemm(x.dtype) else x.dtype
     x = x.to(dtype)
-    out = torch.empty(x.shape[0], module.out_features, dtype=dtype)
     rows = max(64, DENSE_CHUNK_ELEMENTS // module.in_features // 64 * 64)  # on int4 block edges (32 or 64 rows)
+    rows = min(rows, module.out_features)
+    scratch = Scratch(torch.empty(rows * module.in_features, dtype=dtype),
+                      torch.empty(rows * module.in_features, dtype=torch.uint8))
+    out = torch.empty(x.shape[0], module.out_features, dtype=dtype)
     for start in range(0, module.out_features, rows):
         stop = min(start + rows, module.out_features)
-        out[:, start:stop] = x.mm(module.dequantize(dtype, start, stop).t())
+        torch.mm(x, module.dequantize(dtype, start, stop, scratch).t(), out=scratch.product(x.shape[0], stop - start))
+        out[:, start:stop] = scratch.result
     return out
+
+
+class Scratch:
+    """Buffers a chunked dequantization writes into, reused chunk after chunk: the weight (in the GEMM's dtype),
+    the int4 codes, and the chunk's product."""
+
+    def __init__(self, weight: Tensor, codes: Tensor):
+        self.weight, self.codes = weight, codes
+        self._product = torch.empty(0, dtype=weight.dtype)
+        self.result = self._product
+
+    def product(self, rows: int, columns: int) -> Tensor:
+        if self._product.numel() < rows * columns:
+            self._product = torch.empty(rows * columns, dtype=self.weight.dtype)
+        self.result = self._product[:rows * columns].view(rows, columns)
+        return self.result
 
 
 class QuantizedLinear(nn.Module):
@@ -163,10 +228,16 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
-        rows = slice(start, self.out_features if stop is None else stop)
-        q = self.qweight[rows, :self.in_features]
-        return q * self.scales[rows, None].to(dtype)  # one pass: int8 * float promotes to float
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None,
+                   scratch: Scratch | None = None) -> Tensor:
+        """W[start:stop] [rows, in], in scratch.weight when given."""
+        stop = self.out_features if stop is None else stop
+        q = self.qweight[start:stop, :self.in_features]
+        scales = self.scales[start:stop, None].to(dtype)
+        if scratch is None:
+            return q * scales  # one pass: int8 * float promotes to float
+        w = scratch.weight[:q.numel()].view(q.shape)
+        return torch.mul(q, scales, out=w)
 
     def fused(self, x: Tensor) -> Tensor:
         if self.kernel_pad:
@@ -250,26 +321,34 @@ class Int4Linear(QuantizedLinear):
         self.unpackable = codes.device.type == "cpu" and all(
             torch.equal(self.unpack_codes(a, b), codes[a:b].to(torch.uint8)) for a, b in spans if b > a)
 
-    def unpack_codes(self, start: int, stop: int) -> Tensor:
+    def unpack_codes(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         """uint8 codes [stop - start, in] of output rows start..stop from the CPU layout (start on a block edge);
-        a transposed view of a contiguous [in, rows] tensor, the order the dense path multiplies in."""
+        a transposed view of a contiguous [in, rows] tensor (in `out`'s memory when given), the order the dense
+        path multiplies in."""
         k, flat = self.in_features, self.qweight.view(-1)
         full_end = min(stop, self.out_features // self.block_rows * self.block_rows)
-        out = torch.empty(k, stop - start, dtype=torch.uint8)
+        shape = (k, stop - start)
+        out = torch.empty(shape, dtype=torch.uint8) if out is None else out[:k * (stop - start)].view(shape)
         if full_end > start:
             _unpack_into(flat[start * k // 2:full_end * k // 2], out[:, :full_end - start], self.block_rows, self.half_split)
         if stop > full_end:  # the tail block, always in row pairs
             _unpack_into(flat[full_end * k // 2:stop * k // 2], out[:, full_end - start:], stop - full_end, False)
         return out.t()
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
-        """W[start:stop] as a transposed view of a contiguous [in, rows] tensor."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None,
+                   scratch: Scratch | None = None) -> Tensor:
+        """W[start:stop] as a transposed view of a contiguous [in, rows] tensor (in scratch.weight when given)."""
         stop = self.out_features if stop is None else stop
-        q = self.unpack_codes(start, stop).t().view(torch.int8).sub_(8).to(dtype)
+        shape = (self.in_features, stop - start)
+        codes = self.unpack_codes(start, stop, None if scratch is None else scratch.codes).t()
+        q = codes.view(torch.int8).sub_(8)
+        q = q.to(dtype) if scratch is None else scratch.weight[:q.numel()].view(shape).copy_(q)
         w = q.view(self.in_features // self.group_size, self.group_size, stop - start)
-        sz = self.scales_and_zeros[:, start:stop, None].to(dtype).transpose(1, 3)  # [groups, 2, 1, rows]
+        # [groups, 1, rows] each, contiguous: a strided broadcast operand made addcmul 4x slower
+        scales, zeros = (self.scales_and_zeros[:, start:stop, i, None].to(dtype).transpose(1, 2).contiguous()
+                         for i in (0, 1))
         # zero + q * scale: a single rounding of q * scale when zero is 0, so the official format comes out exact
-        return torch.addcmul(sz[:, 1], w, sz[:, 0], out=w).view(self.in_features, stop - start).t()
+        return torch.addcmul(zeros, w, scales, out=w).view(shape).t()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != self.qweight.device.type:

@@ -20,9 +20,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import psutil
 import torch
@@ -30,11 +31,14 @@ import torch
 from .engines import Engine
 from .generate import Decoding, GenerationParams, PromptTooLongError, ReplyStats, TextStream
 from .registry import EMBEDDED, default_precision
+from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 8        # sequences decoded together
 MAX_WAITING = 64     # requests waiting beyond the batch before new ones are refused (ServiceBusy)
+
+T = TypeVar("T")
 
 
 class ServiceBusy(RuntimeError):
@@ -186,7 +190,8 @@ class ModelService:
         self._switching = False
         self._holds = 0              # callers holding the model: nothing is admitted meanwhile (a benchmark)
         self.held_for = ""
-        self._chores: list[Callable[[], None]] = []   # batcher work asked by other threads (forget a cache)
+        self._chores: list[tuple[Callable, Future]] = []   # work asked by other threads, for the worker (call)
+        self.threads = ThreadPolicy()   # the worker's thread count, following the other processes' load
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="glm-model-service", daemon=True)
         self._worker.start()
@@ -266,9 +271,20 @@ class ModelService:
         def chore() -> None:
             if self.engine is not None and self.engine.batcher is not None:
                 self.engine.batcher.clear(key)
+        self.call(chore)
+
+    def call(self, fn: Callable[[], T]) -> "Future[T]":
+        """Run fn in the worker thread, between steps: the model's batcher is the worker's alone, and the thread
+        that runs the model is the one whose thread count and caches a measurement should see (the benchmark).
+        Cancelled when the service closes first."""
+        future: Future[T] = Future()
         with self._lock:
-            self._chores.append(chore)
-            self._lock.notify_all()
+            if self._closed:
+                future.cancel()
+            else:
+                self._chores.append((fn, future))
+                self._lock.notify_all()
+        return future
 
     def find(self, key: str) -> Request | None:
         """The reply being written (or waiting) for a conversation, if any."""
@@ -318,8 +334,12 @@ class ModelService:
                     if self._closed and not self._active:
                         break
                     chores, self._chores = self._chores, []
-                for chore in chores:
-                    chore()
+                for fn, future in chores:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except BaseException as e:  # noqa: BLE001 - the caller gets it from the future
+                            future.set_exception(e)
                 self._end_cancelled()
                 if self._pending_load is not None and not self._active and not self._remote:
                     with self._lock:
@@ -338,6 +358,8 @@ class ModelService:
                         self.wake()   # someone may wait for an idle model (hold)
         for request in list(self._waiting):
             request._finish("stopped")
+        for _, future in self._chores:
+            future.cancel()
         self._release()
 
     def _has_work(self) -> bool:
@@ -433,6 +455,7 @@ class ModelService:
         engine = self.engine
         decode = [(a.seq, a.next_token) for a in self._active if a.next_token is not None]
         prefill = next((a for a in self._active if a.next_token is None), None)
+        self.threads.update()
         try:
             logits = engine.batcher.step(prefill.seq if prefill else None, decode)
         except Exception as e:  # noqa: BLE001 - a failed step fails the replies in it, the service goes on
@@ -488,6 +511,8 @@ class ModelService:
 
         def progress(done: int, total: int, label: str) -> None:
             self.status.done, self.status.total, self.status.label = done, total, label
+            self.threads.update()   # loading (quantizing) runs on the same threads as generating
+        self.threads.update()
         try:
             extra = {"api_key": api_key} if api_key else {}
             engine = self._load(name, precision=precision, device=device, progress=progress, **extra)

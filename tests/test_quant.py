@@ -173,6 +173,25 @@ def test_prefill_gemm_in_bf16_where_native_else_fp32(monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_chunked_prefill_product_leaves_nothing_of_the_last_chunk_in_its_scratch(precision, monkeypatch):
+    """The dense path dequantizes chunk after chunk into one buffer: each chunk is the weight's own rows, whatever
+    the buffer held, and the product of all chunks is the product of the whole weight."""
+    g = torch.Generator().manual_seed(11)
+    module = quant.quantize_linear(torch.randn(208, 256, generator=g), None, precision, 64, activation_dtype=torch.bfloat16)
+    monkeypatch.setattr(quant, "DENSE_CHUNK_ELEMENTS", 64 * 256)   # 64-row chunks: 3 whole ones and a 16-row tail
+    whole = module.dequantize(torch.bfloat16)
+    scratch = quant.Scratch(torch.full((64 * 256,), float("nan"), dtype=torch.bfloat16),
+                            torch.full((64 * 256,), 255, dtype=torch.uint8))
+    for start in (0, 64, 128, 192, 0):
+        stop = min(start + 64, 208)
+        assert torch.equal(module.dequantize(torch.bfloat16, start, stop, scratch), whole[start:stop])
+    x = torch.randn(quant.DENSE_MIN_ROWS, 256, generator=g)
+    xb, w = x.bfloat16().double(), whole.double()
+    out = module(x)
+    assert ((out.double() - xb.mm(w.t())).abs() <= error_bound(xb, w, torch.bfloat16)).all()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantizing_in_row_slices_changes_nothing(precision, monkeypatch):
     w = torch.randn(320, 128, generator=torch.Generator().manual_seed(6)).half()
     whole = quant.quantize_linear(w, None, precision, 32, activation_dtype=torch.bfloat16)
@@ -370,19 +389,33 @@ def test_quantization_tests_pass_on_the_avx2_kernel_path():
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
 
 
-def test_fp32_linears_on_onednn_give_the_same_products():
-    """route_fp32_linears (oneDNN where MKL is the slower product, see quant) changes only the summation order:
-    within K * 2^-24 * sum |x||w| of nn.Linear, for decode rows, prefill rows and batched 3-D inputs."""
+def test_linears_on_onednn_give_the_same_products():
+    """route_linears (oneDNN's packed weights where they are the faster product, see quant) changes only the
+    summation order: within K * 2^-24 * sum |x||w| of nn.Linear in fp32, and in bf16 within the rounding of the
+    output (2^-8 relative) plus K * 2^-24 * sum |x||w|, for decode rows (padded to PACKED_MIN_ROWS), prefill rows
+    and batched 3-D inputs. A
+    weight tied to an embedding stays as it is."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(200, 77), nn.Linear(77, 5, bias=False))
-    inputs = [torch.randn(1, 200), torch.randn(130, 200), torch.randn(2, 3, 200)]
-    with torch.no_grad():
-        expected = [model(x) for x in inputs]
-        routed = quant.route_fp32_linears(model)
-        assert routed == (2 if quant.onednn_for_fp32_linears() else 0)
-        assert all(type(m) is (quant.OneDnnLinear if routed else nn.Linear) for m in model)
-        for x, want in zip(inputs, expected):
-            got = model(x)
-            magnitude = model[1].weight.abs() @ (x.abs() @ model[0].weight.abs().t() + model[0].bias.abs()).unsqueeze(-1)
-            bound = 4 * 200 * 2.0 ** -24 * magnitude.squeeze(-1)
-            assert got.shape == want.shape and ((got - want).abs() <= bound + 1e-30).all()
+    for dtype in (torch.float32, torch.bfloat16):
+        model = nn.Sequential(nn.Linear(200, 77), nn.Linear(77, 5, bias=False), nn.Linear(200, 64)).to(dtype)
+        table = nn.Embedding(64, 200).to(dtype)
+        model[2].weight = table.weight
+        holder = nn.ModuleDict({"model": model, "table": table})
+        inputs = [torch.randn(1, 200), torch.randn(130, 200), torch.randn(2, 3, 200), torch.randn(2, 1, 200)]
+        inputs = [x.to(dtype) for x in inputs]
+        with torch.no_grad():
+            expected = [model[1](model[0](x)) for x in inputs]
+            mids = [model[0](x).float() for x in inputs]
+            w0, w1, b0 = (t.detach().float().abs() for t in (model[0].weight, model[1].weight, model[0].bias))
+            routed = quant.route_linears(holder)
+            packs = quant.packs_for_onednn(dtype)
+            assert routed == (2 if packs else 0)
+            assert [type(m) for m in model] == [quant.OneDnnLinear if packs else nn.Linear] * 2 + [nn.Linear]
+            assert model[2].weight is table.weight
+            for x, mid, want in zip(inputs, mids, expected):
+                got = model[1](model[0](x))
+                magnitude = (x.float().abs() @ w0.t() + b0) @ w1.t()
+                bound = 4 * 200 * 2.0 ** -24 * magnitude
+                if dtype == torch.bfloat16:   # both round the first layer's output, then the second's
+                    bound = bound + 2.0 ** -7 * (mid.abs() @ w1.t()) + 2.0 ** -8 * want.float().abs() * 2
+                assert got.shape == want.shape and ((got.float() - want.float()).abs() <= bound + 1e-30).all()
