@@ -48,7 +48,8 @@ from torch import Tensor, nn
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # the group sizes the int4 kernels accept, largest first
 DENSE_MIN_ROWS = 128                    # CPU: from this many rows on, dequantize + fp32 GEMM beats the fused kernels
 DENSE_CHUNK_ELEMENTS = 4 << 20          # weights dequantized at a time (16 MB in fp32): bounded scratch, in cache
-PACKED_MIN_ROWS = 4                     # rows oneDNN's packed products get at least (OneDnnLinear)
+PACKED_MIN_ROWS = 4                     # rows oneDNN's packed products of large weights get at least (OneDnnLinear)
+PAD_MIN_WEIGHTS = 1 << 24               # ... large: 16M weights (every 6B block product; SmolLM2's output layer is 28M)
 INT8_KERNEL_K_MULTIPLE = 16            # _weight_int8pack_mm with bf16 input needs K % 16 (AVX-512), % 8 (AVX2)
 QUANTIZE_ROWS = 256                     # rows quantized at a time: 4 MB of fp32 scratch stays in cache (2x faster than
                                         # 2048 rows on a 2-core EPYC); whole int4 CPU blocks
@@ -91,12 +92,13 @@ class OneDnnLinear(nn.Linear):
     elementwise ops), inference only. One row on a 2-core Zen 4, weights streamed from memory: bf16 27392 x 4096
     14.8 -> 7.5 ms, 4096 x 13696 5.5 -> 4.3 ms; fp32 49152 x 576 5.2 -> 3.8 ms, against the same oneDNN product
     on the plain weight (BENCHMARKS.md); 512 rows: the same time. Fewer than PACKED_MIN_ROWS rows are padded with
-    zero rows to that many: oneDNN's kernel for 4 rows streams the weight 1.2-1.4x faster than its kernel for one
-    (bf16, each of the 6B block's four shapes), and the arithmetic is idle on 2 cores anyway."""
+    zero rows to that many on weights of PAD_MIN_WEIGHTS or more: oneDNN's kernel for 4 rows streams the weight
+    1.2-1.4x faster than its kernel for one (bf16, each of the 6B block's four shapes), and the arithmetic is idle on
+    2 cores anyway; on the embedded model's small products the padding's own ops cost more (decode 7-10 % slower)."""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if rows >= PACKED_MIN_ROWS:
+        if rows >= PACKED_MIN_ROWS or self.in_features * self.out_features < PAD_MIN_WEIGHTS:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         padded = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, PACKED_MIN_ROWS - rows))
         y = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, "none", [], "")

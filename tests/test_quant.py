@@ -389,12 +389,14 @@ def test_quantization_tests_pass_on_the_avx2_kernel_path():
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
 
 
-def test_linears_on_onednn_give_the_same_products():
+@pytest.mark.parametrize("pad_min_weights", [0, quant.PAD_MIN_WEIGHTS])
+def test_linears_on_onednn_give_the_same_products(pad_min_weights, monkeypatch):
     """route_linears (oneDNN's packed weights where they are the faster product, see quant) changes only the
     summation order: within K * 2^-24 * sum |x||w| of nn.Linear in fp32, and in bf16 within the rounding of the
     output (2^-8 relative) plus K * 2^-24 * sum |x||w|, for decode rows (padded to PACKED_MIN_ROWS), prefill rows
     and batched 3-D inputs. A
-    weight tied to an embedding stays as it is."""
+    weight tied to an embedding stays as it is. pad_min_weights 0: every weight takes the padded decode product."""
+    monkeypatch.setattr(quant, "PAD_MIN_WEIGHTS", pad_min_weights)
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         model = nn.Sequential(nn.Linear(200, 77), nn.Linear(77, 5, bias=False), nn.Linear(200, 64)).to(dtype)
