@@ -386,13 +386,15 @@ def greedy(logits: torch.Tensor, vocab_limit: int | None) -> int:
     return int(logits[:vocab_limit].argmax())
 
 
-def time_generation(subject: Subject, ids: list[int], new_tokens: int, device: str,
-                    threads: ThreadPolicy | None = None) -> dict:
+def time_generation(subject: Subject, ids: list[int], new_tokens: int, device: str, threads: ThreadPolicy) -> dict:
     """One greedy generation from an empty cache through the engine's batcher (a batch of one, as a lone visitor
     is served): prefill seconds, time to first token, decode seconds. Run it in the service's worker thread
     (`service.call`), with the service's thread policy, as the app's replies run."""
     batcher, vocab_limit = subject.engine.batcher, subject.engine.vocab_limit
-    step = batcher.step if threads is None else lambda *args: (threads.update(), batcher.step(*args))[1]
+
+    def step(prefill, decode):
+        threads.update()
+        return batcher.step(prefill, decode)
     batcher.clear()
     start = time.perf_counter()
     seq = batcher.open(ids)
@@ -410,7 +412,7 @@ def time_generation(subject: Subject, ids: list[int], new_tokens: int, device: s
     kv = kv_bytes_per_position(batcher, seq)
     batcher.close(seq, keep=False)
     return {"prefill_s": prefilled - start, "ttft_s": first - start, "decode_s": end - first, "kv_bytes": kv,
-            "threads": threads.threads if threads is not None else torch.get_num_threads()}
+            "threads": threads.threads}
 
 
 def time_concurrent(service: ModelService, subject: Subject, n: int, streams: int, new_tokens: int) -> dict:

@@ -39,6 +39,7 @@ sweeping the modules' products under both paths:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -165,25 +166,16 @@ def _dense_matmul(x: Tensor, module: nn.Module) -> Tensor:
     out = torch.empty(x.shape[0], module.out_features, dtype=dtype)
     for start in range(0, module.out_features, rows):
         stop = min(start + rows, module.out_features)
-        torch.mm(x, module.dequantize(dtype, start, stop, scratch).t(), out=scratch.product(x.shape[0], stop - start))
-        out[:, start:stop] = scratch.result
+        out[:, start:stop] = x.mm(module.dequantize(dtype, start, stop, scratch).t())
     return out
 
 
+@dataclass
 class Scratch:
-    """Buffers a chunked dequantization writes into, reused chunk after chunk: the weight (in the GEMM's dtype),
-    the int4 codes, and the chunk's product."""
-
-    def __init__(self, weight: Tensor, codes: Tensor):
-        self.weight, self.codes = weight, codes
-        self._product = torch.empty(0, dtype=weight.dtype)
-        self.result = self._product
-
-    def product(self, rows: int, columns: int) -> Tensor:
-        if self._product.numel() < rows * columns:
-            self._product = torch.empty(rows * columns, dtype=self.weight.dtype)
-        self.result = self._product[:rows * columns].view(rows, columns)
-        return self.result
+    """Flat buffers a chunked dequantization writes into, chunk after chunk: the weight (in the GEMM's dtype) and
+    the int4 codes."""
+    weight: Tensor
+    codes: Tensor
 
 
 class QuantizedLinear(nn.Module):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,16 @@ def default_precision(path_or_name: str) -> str:
         return "fp32"
     known = describe(path_or_name)
     return f"int{known.stored_bits}" if known is not None and known.stored_bits < 16 else "bf16"
+
+
+def env_int(name: str, default: int | None) -> int | None:
+    """A GLM_STUDIO_* setting that is a count (at least 1); `default` when it is unset or not a whole number."""
+    value = os.environ.get(name, "").strip()
+    try:
+        return max(1, int(value)) if value else default
+    except ValueError:
+        logging.getLogger(__name__).warning("%s=%r is not a whole number; it is ignored", name, value)
+        return default
 
 
 def cache_root() -> Path:

@@ -30,7 +30,7 @@ import torch
 
 from .engines import Engine
 from .generate import Decoding, GenerationParams, PromptTooLongError, ReplyStats, TextStream
-from .registry import EMBEDDED, default_precision
+from .registry import EMBEDDED, default_precision, env_int
 from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,6 @@ class ServiceBusy(RuntimeError):
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    try:
-        return max(1, int(value)) if value else default
-    except ValueError:
-        log.warning("%s=%r is not a whole number; using %d", name, value, default)
-        return default
 
 
 @dataclass

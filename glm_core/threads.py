@@ -11,12 +11,13 @@ the model calls `update` before its steps.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 import psutil
 import torch
+
+from .registry import env_int
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,15 @@ class ThreadPolicy:
 
     def __init__(self, cores: int | None = None, fixed: int | None = None):
         self.cores = cores or torch.get_num_threads()
-        setting = os.environ.get("GLM_STUDIO_THREADS", "").strip()
-        if fixed is None and setting:
-            try:
-                fixed = max(1, int(setting))
-            except ValueError:
-                log.warning("GLM_STUDIO_THREADS=%r is not a whole number; the count follows the load", setting)
-        self.fixed = fixed
-        self.threads = fixed or self.cores
-        self.left = 0
+        self.fixed = fixed or env_int("GLM_STUDIO_THREADS", None)
+        self.left = 0                  # cores left to other processes
         self.others = 0.0
         self._last: Sample | None = None
         self._set: int | None = None   # the count set in the calling thread (None: not yet)
+
+    @property
+    def threads(self) -> int:
+        return self.fixed or self.cores - self.left
 
     def update(self) -> int:
         """The thread count for the next steps, set in the calling thread; re-decided every WINDOW_S."""
@@ -90,4 +88,3 @@ class ThreadPolicy:
         if left != self.left:
             log.info("other processes use %.1f cores: the model now runs %d threads", self.others, self.cores - left)
         self.left = left
-        self.threads = self.cores - left

@@ -296,7 +296,7 @@ def test_quantize_model_replaces_in_place(precision, tolerance):
     assert ((after - before).norm() / before.norm()) < tolerance
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it on a lent GPU machine)")
 def test_cuda_products_match_the_reference():
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(6)).cuda()
     int8 = quant.quantize_linear(w, None, "int8")
