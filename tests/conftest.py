@@ -38,3 +38,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed browser test leaves screenshots of its latest pages in test-artifacts/: a timeout says too little."""
+    report = (yield).get_result()
+    chromium = getattr(item, "funcargs", {}).get("chromium")
+    if report.when != "call" or not report.failed or chromium is None:
+        return
+    from e2e import ARTIFACTS
+    ARTIFACTS.mkdir(exist_ok=True)
+    for i, context in enumerate(chromium.contexts[-3:]):
+        for j, page in enumerate(context.pages):
+            try:
+                page.screenshot(path=str(ARTIFACTS / f"failed-{item.name}-{i}-{j}.png"), full_page=True)
+            except Exception as e:  # noqa: BLE001 - a page that cannot be drawn: the report says so, the failure stands
+                report.sections.append(("screenshot", f"page {i}-{j}: {e}"))
