@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import GLMConfig
 from .kvcache import KVCache, common_prefix
-from .quant import slow_half_gemm
+from .quant import matmul_fp32, slow_half_gemm
 
 PREFILL_CHUNK = 512         # prompt ids run at a time: bounds activation memory on long prompts
 UPCAST_ELEMENTS = 1 << 22   # weight elements converted to fp32 at a time by the CPU prefill path of `linear`
@@ -45,7 +45,7 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     for i in range(0, weight.shape[0], step):
         w = rows[: min(step, weight.shape[0] - i)]
         w.copy_(weight[i : i + step])
-        torch.mm(x32, w.t(), out=out[:, i : i + w.shape[0]])
+        out[:, i : i + w.shape[0]] = matmul_fp32(x32, w)
     if layer.bias is not None:
         out += layer.bias
     return out.to(x.dtype)

@@ -80,6 +80,16 @@ def onednn_for_fp32_linears() -> bool:
     return not intel and torch.backends.mkldnn.is_available()
 
 
+def matmul_fp32(x: Tensor, weight: Tensor) -> Tensor:
+    """x [M, in] @ weight[out, in].T for fp32 CPU tensors: through oneDNN where onednn_for_fp32_linears says so, else
+    torch.mm (MKL). The prefill paths that dequantize or upcast weights into fp32 scratch multiply here: on a 2-core
+    Zen 2 (AVX2) oneDNN ran [512 x 4096] @ [4096 x 27392] at 149 GFLOP/s against MKL's 98, and 64 rows at 133 against
+    48."""
+    if onednn_for_fp32_linears():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return x.mm(weight.t())
+
+
 def packs_for_onednn(dtype: torch.dtype) -> bool:
     """Whether CPU linears of this dtype get oneDNN's packed weights: fp32 where oneDNN beats MKL (above), bf16
     wherever the CPU has native bf16 (bf16 products run on oneDNN there anyway; elsewhere they are upcast)."""
@@ -166,7 +176,8 @@ def _dense_matmul(x: Tensor, module: nn.Module) -> Tensor:
     out = torch.empty(x.shape[0], module.out_features, dtype=dtype)
     for start in range(0, module.out_features, rows):
         stop = min(start + rows, module.out_features)
-        out[:, start:stop] = x.mm(module.dequantize(dtype, start, stop, scratch).t())
+        weight = module.dequantize(dtype, start, stop, scratch)
+        out[:, start:stop] = matmul_fp32(x, weight) if dtype == torch.float32 else x.mm(weight.t())
     return out
 
 

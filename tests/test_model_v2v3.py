@@ -10,7 +10,9 @@ from glm_core.checkpoint import load_model
 from glm_core.config import load_config
 from glm_core.kvcache import ContextOverflowError
 from glm_core.model import rotary
+from glm_core import quant
 from conftest import FIXTURES
+from quant_sweep import error_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,6 +141,24 @@ def test_bf16_close_to_fp32(ver):
     assert diff.max() < 0.2 and diff.mean() < 0.02
     model.reset_cache()
     assert (model.prefill(golden["sequences"]["s3_len200"]) - ref[-1]).abs().max() / ref.std() < 0.2
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_half_prefill_products_upcast_in_slices_where_half_gemms_are_slow(onednn, monkeypatch):
+    """On a CPU without native bf16 a bf16 linear given several rows multiplies fp32 copies of its weight, a slice at a
+    time, through oneDNN or MKL (quant.matmul_fp32): the fp32 product within its accumulation error, then the output
+    rounded to bf16 once."""
+    monkeypatch.setattr(model_module, "slow_half_gemm", lambda dtype: True)
+    monkeypatch.setattr(quant, "onednn_for_fp32_linears", lambda: onednn)
+    monkeypatch.setattr(model_module, "UPCAST_ELEMENTS", 32 * 256)   # slices of 32 rows: 3 whole, one of 4
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(256, 100).bfloat16()
+    x = torch.randn(7, 256, generator=g).bfloat16()
+    out = model_module.linear(layer, x)
+    xd, w = x.double(), layer.weight.double()
+    ref = xd.mm(w.t()) + layer.bias.double()
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - ref).abs() <= error_bound(xd, w, torch.float32) + 2.0 ** -8 * ref.abs()).all()
 
 
 def test_long_context_rotary_per_version():

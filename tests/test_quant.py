@@ -156,14 +156,20 @@ def test_bf16_activations_round_only_the_input(precision):
         assert ((out.double() - ref).abs() <= bound).all()
 
 
-def test_prefill_gemm_in_bf16_where_native_else_fp32(monkeypatch):
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_prefill_gemm_in_bf16_where_native_else_fp32(precision, monkeypatch):
+    """The dense path multiplies in bf16 where the CPU has native bf16, else in fp32, there through oneDNN or MKL
+    (quant.matmul_fp32): both libraries give the product within fp32's rounding."""
     g = torch.Generator().manual_seed(7)
-    module = quant.quantize_linear(torch.randn(96, 256, generator=g), None, "int4", 64, activation_dtype=torch.bfloat16)
+    module = quant.quantize_linear(torch.randn(96, 256, generator=g), None, precision, 64, activation_dtype=torch.bfloat16)
+    monkeypatch.setattr(quant, "DENSE_CHUNK_ELEMENTS", 32 * 256)   # three chunks of 32 rows
     x = torch.randn(quant.DENSE_MIN_ROWS, 256, generator=g)
     ref = x.bfloat16().float().mm(module.dequantize().t())
     xb, w = x.bfloat16().double(), module.dequantize().double()
-    for slow in (True, False):   # AVX2 (fp32 GEMM), or a CPU with native bf16 (bf16 GEMM, bf16 output)
+    # AVX2 (fp32 GEMM on oneDNN, as on AMD CPUs, or MKL), or a CPU with native bf16 (bf16 GEMM, bf16 output)
+    for slow, onednn in ((True, True), (True, False), (False, False)):
         monkeypatch.setattr(quant, "slow_half_gemm", lambda dtype: slow)
+        monkeypatch.setattr(quant, "onednn_for_fp32_linears", lambda: onednn)
         out = module(x)
         assert out.dtype == torch.float32
         bound = error_bound(xb, w, torch.float32 if slow else torch.bfloat16)
