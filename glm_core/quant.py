@@ -12,12 +12,12 @@ slower: one 27392 x 4096 official int4 layer, one row, 911 ms in fp32 against 9.
 model around them keeps fp32: only the product's input is rounded, and sums are fp32. With None, fp32 input
 gives the official CPU arithmetic op for op (checkpoint.load_model's `exact`).
 
-Which product runs on CPU: fewer than DENSE_MIN_ROWS rows in bf16/fp16 (decode) take the fused kernel; more
-rows (prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a
-GEMM: in bf16 where the CPU has native bf16, else in fp32, which there beats both the fused kernels and a bf16
-GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC). On CUDA int4 runs the bf16 tinygemm kernel; int8
-dequantizes and matmuls in the input dtype, because the CUDA `_weight_int8pack_mm` (torch 2.11, H100) was 9x
-slower than that for one row and 600x for 512.
+Which product runs on CPU: fewer than DENSE_MIN_ROWS rows in bf16/fp16 (decode) take the fused kernel; more rows
+(prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in
+bf16 where the CPU has native bf16, else in fp32, which there beats both the fused kernels and a bf16 GEMM
+(measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's on AMD CPUs, matmul_fp32). On
+CUDA int4 runs the bf16 tinygemm kernel; int8 dequantizes and matmuls in the input dtype, because the CUDA
+`_weight_int8pack_mm` (torch 2.11, H100) was 9x slower than that for one row and 600x for 512.
 
 Scales and zeros are kept in the activation dtype (else the input's), so the kernels take them as they are;
 they follow `module.to(dtype)` like the bias, so cast a model before quantizing it, not after.
