@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .config import GLMConfig
 from .kvcache import KVCache, common_prefix
+from . import native
 from .quant import matmul_fp32, slow_half_gemm
 
 PREFILL_CHUNK = 512         # prompt ids run at a time: bounds activation memory on long prompts
@@ -33,7 +34,10 @@ Segment = tuple[KVCache, list[int]]   # a sequence's cache and the ids to run af
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
     """layer(x), except for a half-precision nn.Linear given several rows on a CPU with slow half GEMMs: there
     the weight is upcast to fp32 a slice at a time. Products are exact in fp32 and sums are fp32 either way,
-    so only the rounding order differs."""
+    so only the rounding order differs. One row or a few against a bf16 weight on an AVX2 CPU take native's kernel."""
+    if isinstance(layer, nn.Linear) and native.takes_bf16(x, layer.weight):
+        y = native.bf16_matmul(x, layer.weight)
+        return (y if layer.bias is None else y + layer.bias).to(x.dtype)
     if not (isinstance(layer, nn.Linear) and x.device.type == "cpu" and x.shape[0] > 1
             and slow_half_gemm(layer.weight.dtype)):
         return layer(x)

@@ -12,7 +12,8 @@ slower: one 27392 x 4096 official int4 layer, one row, 911 ms in fp32 against 9.
 model around them keeps fp32: only the product's input is rounded, and sums are fp32. With None, fp32 input
 gives the official CPU arithmetic op for op (checkpoint.load_model's `exact`).
 
-Which product runs on CPU: fewer than DENSE_MIN_ROWS rows in bf16/fp16 (decode) take the fused kernel; more rows
+Which product runs on CPU: fewer than DENSE_MIN_ROWS rows in bf16/fp16 (decode) take the fused kernel (on torch's
+AVX2 path GLM Studio's own for int4, and for int8 at one row: glm_core.native, 1.3-1.8x faster there); more rows
 (prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in
 bf16 where the CPU has native bf16, else in fp32, which there beats both the fused kernels and a bf16 GEMM
 (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's on AMD CPUs, matmul_fp32). On
@@ -45,6 +46,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import native
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # the group sizes the int4 kernels accept, largest first
 DENSE_MIN_ROWS = 128                    # CPU: from this many rows on, dequantize + fp32 GEMM beats the fused kernels
@@ -245,6 +248,8 @@ class Int8Linear(QuantizedLinear):
         return torch.mul(q, scales, out=w)
 
     def fused(self, x: Tensor) -> Tensor:
+        if native.takes_int8(x, self):
+            return native.int8_matmul(x, self.qweight, self.scales)
         if self.kernel_pad:
             x = F.pad(x, (0, self.kernel_pad))
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
@@ -365,6 +370,8 @@ class Int4Linear(QuantizedLinear):
         if x.device.type == "cuda":  # the CUDA kernel takes bf16 only
             return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
                                                       self.scales_and_zeros.to(torch.bfloat16))
+        if native.takes_int4(x, self):
+            return native.int4_matmul(x, self.qweight, self.scales_and_zeros, self.out_features, self.group_size)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
                                                           self.scales_and_zeros.to(x.dtype))
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from glm_core import quant
+from glm_core import native, quant
+from glm_core.model import linear
 from conftest import FIXTURES, ROOT
 from quant_sweep import error_bound
 
@@ -253,6 +254,105 @@ def test_modules_hold_no_float_copy_of_the_weight(precision, ratio):
     assert sum(t.nbytes for t in state.values()) < ratio * 256 * 512 * 2  # against the bf16 weight
 
 
+needs_native = pytest.mark.skipif(not native.wanted(), reason="the AVX2 decode kernels run on torch's AVX2 path only "
+                                  "(an AVX-512 machine runs this module again there)")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("out_features, in_features, group", [(32, 64, 32), (96, 384, 128), (224, 512, 256),
+                                                              (64, 4096, 128)])
+def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows):
+    """The AVX2 int4 kernel against x @ W.T in float64. It sums code * x per group, then scales and adds
+    (zero - 8 scale) * sum(x), so its rounding is bounded by those terms' magnitudes, not W's:
+    (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| + |zero - 8 scale|), every sum in fp32."""
+    g = torch.Generator().manual_seed(out_features + rows)
+    module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int4", group,
+                                   torch.bfloat16)
+    assert module.group_size == group
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    assert native.takes_int4(x, module)
+    y = native.int4_matmul(x, module.qweight, module.scales_and_zeros, out_features, group).double()
+    assert torch.equal(module.fused(x), y.float())   # the layer's decode product is this kernel
+
+    x64 = x.double()
+    codes = module.unpack_codes(0, out_features).double()
+    scales, zeros = (module.scales_and_zeros[..., i].double().t().repeat_interleave(group, dim=1) for i in (0, 1))
+    ref = x64 @ ((codes - 8) * scales + zeros).t()
+    magnitude = x64.abs() @ ((codes * scales).abs() + (zeros - 8 * scales).abs()).t()
+    bound = 1.01 * (in_features + 2 * in_features // group + 4) * 2.0 ** -24 * magnitude
+    assert ((y - ref).abs() <= bound).all(), float(((y - ref).abs() - bound).max())
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("out_features, in_features", [(4, 16), (36, 48), (200, 4112)])
+def test_native_bf16_product_is_exact_products_summed_in_fp32(out_features, in_features, rows):
+    g = torch.Generator().manual_seed(out_features + rows)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    assert native.takes_bf16(x, w)
+    y = native.bf16_matmul(x, w).double()
+    ref = x.double() @ w.double().t()
+    assert ((y - ref).abs() <= error_bound(x.double(), w.double(), torch.float32)).all()
+    layer = nn.Linear(in_features, out_features, dtype=torch.bfloat16)
+    layer.weight.data, layer.bias.data = w, torch.randn(out_features, generator=g).bfloat16()
+    assert torch.equal(linear(layer, x), (y.float() + layer.bias).bfloat16())   # the model's decode product is this
+
+
+@needs_native
+@pytest.mark.parametrize("out_features, in_features", [(4, 16), (36, 100), (200, 4104)])
+def test_native_int8_product_is_exact_products_summed_in_fp32(out_features, in_features):
+    """One row (the lone visitor's decode step); widths not a multiple of 16 run the kernel's tail on the layer's
+    zero-padded weight."""
+    g = torch.Generator().manual_seed(out_features)
+    module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int8",
+                                   activation_dtype=torch.bfloat16)
+    x = torch.randn(1, in_features, generator=g).bfloat16()
+    assert native.takes_int8(x, module) and not native.takes_int8(x.repeat(2, 1), module)
+    y = native.int8_matmul(x, module.qweight, module.scales).double()
+    assert torch.equal(module.fused(x), y.float())   # the layer's decode product is this kernel
+    w = module.dequantize(torch.float64)
+    ref = x.double() @ w.t()
+    assert ((y - ref).abs() <= error_bound(x.double(), w, torch.float32)).all()
+
+
+@needs_native
+def test_without_a_c_compiler_torchs_kernels_run_and_the_log_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("GLM_STUDIO_CACHE", str(tmp_path))
+    module = quant.quantize_linear(torch.randn(64, 128) / 16, None, "int4", 32, torch.bfloat16)
+    x = torch.randn(1, 128).bfloat16()
+    expected = torch.ops.aten._weight_int4pack_mm_for_cpu(x, module.qweight, 32, module.scales_and_zeros)
+    for compiler, said in [(str(tmp_path / "no-such-cc"), "no-such-cc"), ("false", "false failed")]:
+        monkeypatch.setenv("CC", compiler)
+        native.library.cache_clear()
+        try:
+            with pytest.raises(RuntimeError, match=said):
+                native.build(tmp_path / "native")
+            assert native.library() is None and not native.takes_int4(x, module)
+            assert torch.equal(module.fused(x), expected)
+            assert "torch's kernels run instead" in caplog.text and said in caplog.text
+        finally:
+            native.library.cache_clear()   # the next use builds with the real compiler again
+    assert not list((tmp_path / "native").glob("*.so"))
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mapped libraries")
+def test_native_kernels_share_torchs_openmp_runtime():
+    """A second OpenMP runtime would keep its own spinning threads beside torch's: the oversubscription that made decode
+    collapse on a busy machine (threads.py). Built with -fopenmp, the library must bind to the libgomp torch loaded."""
+    assert native.library() is not None
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_native_kernels_stay_off_when_turned_off(monkeypatch):
+    monkeypatch.setenv("GLM_STUDIO_NATIVE_KERNELS", "0")
+    assert not native.wanted()
+
+
 def test_bias_is_settable_and_outputs_follow_the_input_dtype():
     module = quant.quantize_linear(torch.randn(32, 64), torch.ones(32), "int4", 32).to(torch.bfloat16)
     x = torch.randn(2, 64).bfloat16()
@@ -325,7 +425,8 @@ def sweep_cases() -> list[dict]:
     """Odd widths (not multiples of 8, 16, 32 or 64) beside kernel-friendly ones, each row count from decode to
     the dense path, int8 and int4 (quantized here and official), bf16 activations (the fast path) and fp32 (exact)."""
     cases = []
-    widths = [(96, 200), (64, 100), (17, 24), (3, 40), (48, 136), (160, 96), (32, 4104), (200, 72), (16, 320)]
+    widths = [(96, 200), (64, 100), (17, 24), (3, 40), (48, 136), (160, 96), (32, 4104), (200, 72), (16, 320),
+              (96, 384), (224, 512)]   # the last two: int4 groups of 128 and 256 on 32-row blocks (native's int4)
     kinds = [("int8", False, None), ("int4", False, 32), ("int4", False, 128), ("int8", True, None), ("int4", True, None)]
     for (out, inp), (precision, official, group), activation, rows in itertools.product(
             widths, kinds, ("bfloat16", None), SWEEP_ROWS):

@@ -1,0 +1,152 @@
+"""Decode products for AVX2 CPUs, hand-written (kernels/gemv_avx2.c) where torch's kernels leave memory bandwidth
+unused: on a 2-core AVX2 Zen 2, one row against a 27392 x 4096 weight, bf16 ran 6.7 ms (33 GB/s) against torch's
+16.9 ms (13 GB/s), int4 in torch's packed layout 3.5-4.4 ms against 7.7 (and faster than torch's at every row count
+measured, 1 to 16: it serves every decode step). BENCHMARKS.md has the figures.
+
+The C file is compiled on first use with the system's C compiler into the cache (keyed by the source's hash) and
+loaded with ctypes; it uses OpenMP from the process's libgomp, which is torch's, so torch's thread count (and
+threads.ThreadPolicy) applies to it. Without a compiler, or with GLM_STUDIO_NATIVE_KERNELS=0, torch's kernels run,
+as on CPUs with AVX-512 (torch's kernels there are not the bottleneck; the int4 layout differs too).
+
+Arithmetic: bf16 activations widened exactly to fp32, fp32 products and sums, fp32 outputs (torch's bf16 kernels
+round theirs to bf16)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .registry import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "gemv_avx2.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+INT8_MAX_ROWS = 1   # 27392 x 4096: 1 row 5.2 ms against torch's 6.5; from 2 rows on torch's is faster (8.2 against 7.5)
+BF16_MAX_ROWS = 32  # 27392 x 4096: 4 rows 12 ms against torch's 59, 32 rows 61 against 87 for model.linear's fp32 upcast
+_build_lock = threading.Lock()
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def wanted() -> bool:
+    """Whether this process should use the kernels: torch on its AVX2 path (also an AVX-512 CPU held there with
+    ATEN_CPU_CAPABILITY=avx2, whose int4 layout is then AVX2's), a CPU with AVX2 and FMA, not turned off."""
+    return (os.environ.get("GLM_STUDIO_NATIVE_KERNELS", "1").strip() != "0"
+            and torch.backends.cpu.get_cpu_capability() == "AVX2" and _cpu_has_avx2_fma())
+
+
+def build(target_dir: Path) -> Path:
+    """Compile the kernels into target_dir (once per source version); raises RuntimeError with the compiler's
+    message when that fails."""
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = target_dir / f"gemv_avx2-{digest}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc, gcc or $CC)")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:   # renamed into place whole: no half-written library
+        built = Path(tmp) / target.name
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        except OSError as e:
+            raise RuntimeError(f"{compiler} could not run: {e}") from e
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they are not wanted or cannot be built (logged once)."""
+    if not wanted():
+        return None
+    try:
+        with _build_lock:
+            lib = ctypes.CDLL(str(build(cache_root() / "native")))
+    except (OSError, RuntimeError) as e:
+        log.warning("AVX2 decode kernels unavailable, torch's kernels run instead: %s", e)
+        return None
+    pointer = ctypes.c_void_p
+    lib.int4_matmul.argtypes = [pointer, pointer, pointer, pointer] + [ctypes.c_int] * 4
+    lib.bf16_matmul.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 3
+    lib.int8_matmul.argtypes = [pointer, pointer, pointer, pointer] + [ctypes.c_int] * 4
+    return lib
+
+
+def _checked(rc: int, out: Tensor) -> Tensor:
+    if rc != 0:
+        raise MemoryError("the AVX2 decode kernel could not allocate its scratch")
+    return out
+
+
+def int4_matmul(x: Tensor, qweight: Tensor, scales_and_zeros: Tensor, out_features: int, group_size: int) -> Tensor:
+    """x [rows, in] bf16 @ W.T -> fp32 [rows, out], W in torch's AVX2 int4 layout (blocks of 32 rows, half split)
+    with bf16 scales and zeros [in / group_size, out, 2]; out_features a multiple of 32."""
+    rows, in_features = x.shape
+    x, scales_and_zeros = x.contiguous(), scales_and_zeros.contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    return _checked(library().int4_matmul(x.data_ptr(), qweight.data_ptr(), scales_and_zeros.data_ptr(),
+                                          out.data_ptr(), rows, out_features, in_features, group_size), out)
+
+
+def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [rows, in] bf16 @ (scales * qweight[:, :in]).T -> fp32 [rows, out]: qweight int8 [out, >= in] contiguous
+    (Int8Linear's, padded), scales bf16 [out]; out a multiple of 4."""
+    rows, in_features = x.shape
+    x, scales = x.contiguous(), scales.contiguous()
+    out = torch.empty(rows, qweight.shape[0], dtype=torch.float32)
+    return _checked(library().int8_matmul(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), rows,
+                                          qweight.shape[0], in_features, qweight.shape[1]), out)
+
+
+def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """x [rows, in] bf16 @ weight.T -> fp32 [rows, out], weight bf16 [out, in] contiguous, out a multiple of 4 and in
+    of 16."""
+    rows, in_features = x.shape
+    x = x.contiguous()
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    return _checked(library().bf16_matmul(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0],
+                                          in_features), out)
+
+
+def takes_int4(x: Tensor, module) -> bool:
+    """Whether int4_matmul can run this Int4Linear's product for x."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and module.scales_and_zeros.dtype == torch.bfloat16 and (module.block_rows, module.half_split) == (32, True)
+            and module.out_features % 32 == 0 and library() is not None)
+
+
+def takes_int8(x: Tensor, module) -> bool:
+    """Whether int8_matmul can run this Int8Linear's product for x."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] <= INT8_MAX_ROWS
+            and module.scales.dtype == torch.bfloat16 and module.qweight.is_contiguous()
+            and module.out_features % 4 == 0 and library() is not None)
+
+
+def takes_bf16(x: Tensor, weight: Tensor) -> bool:
+    """Whether bf16_matmul can run x @ weight.T."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and not weight.is_mkldnn and weight.is_contiguous() and x.shape[0] <= BF16_MAX_ROWS
+            and weight.shape[0] % 4 == 0 and weight.shape[1] % 16 == 0 and library() is not None)
