@@ -53,6 +53,11 @@ def wanted() -> bool:
             and torch.backends.cpu.get_cpu_capability() == "AVX2" and _cpu_has_avx2_fma())
 
 
+def compiler_path() -> str | None:
+    """The C compiler the kernels are built with: $CC, else cc or gcc on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def build(target_dir: Path) -> Path:
     """Compile the kernels into target_dir (once per source version); raises RuntimeError with the compiler's
     message when that fails."""
@@ -61,7 +66,7 @@ def build(target_dir: Path) -> Path:
     target = target_dir / f"gemv_avx2-{digest}.so"
     if target.exists():
         return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = compiler_path()
     if compiler is None:
         raise RuntimeError("no C compiler found (cc, gcc or $CC)")
     target_dir.mkdir(parents=True, exist_ok=True)
