@@ -39,20 +39,12 @@ BF16_MAX_ROWS = 64
 _build_lock = threading.Lock()
 
 
-def _cpu_has_avx2_fma() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
 def wanted() -> bool:
     """Whether this process should use the kernels: torch on its AVX2 path (also an AVX-512 CPU held there with
-    ATEN_CPU_CAPABILITY=avx2, whose int4 layout is then AVX2's), a CPU with AVX2 and FMA, not turned off."""
+    ATEN_CPU_CAPABILITY=avx2, whose int4 layout is then AVX2's), not turned off. The CPU is asked too (torch's
+    cpuinfo): ATEN_CPU_CAPABILITY names a path without checking that the CPU has it."""
     return (os.environ.get("GLM_STUDIO_NATIVE_KERNELS", "1").strip() != "0"
-            and torch.backends.cpu.get_cpu_capability() == "AVX2" and _cpu_has_avx2_fma())
+            and torch.backends.cpu.get_cpu_capability() == "AVX2" and torch.cpu._is_avx2_supported())
 
 
 def compiler_path() -> str | None:
