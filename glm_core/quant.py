@@ -12,11 +12,13 @@ slower: one 27392 x 4096 official int4 layer, one row, 911 ms in fp32 against 9.
 model around them keeps fp32: only the product's input is rounded, and sums are fp32. With None, fp32 input
 gives the official CPU arithmetic op for op (checkpoint.load_model's `exact`).
 
-Which product runs on CPU: fewer than DENSE_MIN_ROWS rows in bf16/fp16 (decode) take the fused kernel (on torch's
-AVX2 path GLM Studio's own for int4, and for int8 at one row: glm_core.native, 1.3-1.8x faster there); more rows
-(prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in
-bf16 where the CPU has native bf16, else in fp32, which there beats both the fused kernels and a bf16 GEMM
-(measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's on AMD CPUs, matmul_fp32). On
+Which product runs on CPU: on torch's AVX2 path, bf16 input takes GLM Studio's own products (glm_core.native) at
+every row count int4 has and int8 has from INT8_TILED_MIN_ROWS on (and at one row): 1.3-1.8x faster than torch's
+kernels in decode, 1.2-1.9x faster than the dense path in prefill. Otherwise fewer than DENSE_MIN_ROWS rows in
+bf16/fp16 (decode) take torch's fused kernel; more rows (prefill) and fp32 take the dense path, which dequantizes
+DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16 where the CPU has native bf16, else in fp32, which there
+beats both the fused kernels and a bf16 GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is
+oneDNN's on AMD CPUs, matmul_fp32). On
 CUDA int4 runs the bf16 tinygemm kernel; int8 dequantizes and matmuls in the input dtype, because the CUDA
 `_weight_int8pack_mm` (torch 2.11, H100) was 9x slower than that for one row and 600x for 512.
 
@@ -50,7 +52,7 @@ from torch import Tensor, nn
 from . import native
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # the group sizes the int4 kernels accept, largest first
-DENSE_MIN_ROWS = 128                    # CPU: from this many rows on, dequantize + fp32 GEMM beats the fused kernels
+DENSE_MIN_ROWS = 128                    # CPU: from this many rows on, dequantize + GEMM beats torch's fused kernels
 DENSE_CHUNK_ELEMENTS = 4 << 20          # weights dequantized at a time (16 MB in fp32): bounded scratch, in cache
 PACKED_MIN_ROWS = 4                     # rows oneDNN's packed products of large weights get at least (OneDnnLinear)
 PAD_MIN_WEIGHTS = 1 << 24               # ... large: 16M weights (every 6B block product; SmolLM2's output layer is 28M)
@@ -205,13 +207,18 @@ class QuantizedLinear(nn.Module):
         self.activation_dtype = activation_dtype
 
     def fused(self, x: Tensor) -> Tensor:
+        """The product without a dequantized copy of the weight: GLM Studio's own where native_takes, else torch's."""
+        raise NotImplementedError
+
+    def native_takes(self, x: Tensor) -> bool:
+        """Whether glm_core.native runs this product for x."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         xa = x2 if self.activation_dtype is None else x2.to(self.activation_dtype)
         decode = x.device.type == "cpu" and xa.dtype != torch.float32 and x2.shape[0] < DENSE_MIN_ROWS
-        if decode or not self.unpackable:   # CUDA int4 is never unpackable: it always takes the kernel
+        if decode or not self.unpackable or self.native_takes(xa):   # CUDA int4 is never unpackable
             y = self.fused(xa.contiguous())
         else:
             y = _dense_matmul(xa, self)
@@ -247,8 +254,11 @@ class Int8Linear(QuantizedLinear):
         w = scratch.weight[:q.numel()].view(q.shape)
         return torch.mul(q, scales, out=w)
 
+    def native_takes(self, x: Tensor) -> bool:
+        return native.takes_int8(x, self)
+
     def fused(self, x: Tensor) -> Tensor:
-        if native.takes_int8(x, self):
+        if self.native_takes(x):
             return native.int8_matmul(x, self.qweight, self.scales)
         if self.kernel_pad:
             x = F.pad(x, (0, self.kernel_pad))
@@ -366,11 +376,14 @@ class Int4Linear(QuantizedLinear):
                                "its layout is device-specific, quantize again on the target device")
         return super().forward(x)
 
+    def native_takes(self, x: Tensor) -> bool:
+        return native.takes_int4(x, self)
+
     def fused(self, x: Tensor) -> Tensor:
         if x.device.type == "cuda":  # the CUDA kernel takes bf16 only
             return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
                                                       self.scales_and_zeros.to(torch.bfloat16))
-        if native.takes_int4(x, self):
+        if self.native_takes(x):
             return native.int4_matmul(x, self.qweight, self.scales_and_zeros, self.out_features, self.group_size)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
                                                           self.scales_and_zeros.to(x.dtype))

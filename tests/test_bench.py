@@ -109,7 +109,7 @@ def test_random_weights_are_written_once_and_have_no_quality(tmp_path, monkeypat
     assert (r["top1_agreement"], r["mean_kl"], r["perplexity"]) == (None, None, None)
     assert r["quality_note"] == bench.RANDOM_NOTE
 
-    [folder] = tmp_path.glob("random-*")   # beside it, on AVX2 CPUs: native/, the compiled decode kernels
+    [folder] = tmp_path.glob("random-*")   # beside it, on AVX2 CPUs: native/, the compiled AVX2 products
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"

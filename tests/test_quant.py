@@ -93,7 +93,15 @@ def test_official_int4_without_a_kernel_shape_becomes_exact_int8():
     assert torch.equal(module.float().dequantize(), scale.float()[:, None] * q.float())
 
 
-def test_int8_quantization_and_both_products():
+@pytest.fixture
+def torch_products(monkeypatch):
+    """Torch's fused kernels and the dense path only, as where GLM Studio's AVX2 products are not built (they have
+    their own tests below): on torch's AVX2 path they would take these products at every row count."""
+    monkeypatch.setattr(native, "takes_int4", lambda x, module: False)
+    monkeypatch.setattr(native, "takes_int8", lambda x, module: False)
+
+
+def test_int8_quantization_and_both_products(torch_products):
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
     module = quant.quantize_linear(w, b, "int8")
@@ -116,7 +124,7 @@ def test_int8_quantization_and_both_products():
         assert ((out.double() - ref - bf16.bias.double()).abs() <= bound).all()
 
 
-def test_int4_quantization_and_both_products():
+def test_int4_quantization_and_both_products(torch_products):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(80, 256, generator=g)
     module = quant.quantize_linear(w.bfloat16(), None, "int4", group_size=64)
@@ -139,7 +147,7 @@ def test_int4_quantization_and_both_products():
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_bf16_activations_round_only_the_input(precision):
+def test_bf16_activations_round_only_the_input(precision, torch_products):
     g = torch.Generator().manual_seed(5)
     w, b = torch.randn(96, 256, generator=g), torch.randn(96, generator=g)
     module = quant.quantize_linear(w, b, precision, 64, activation_dtype=torch.bfloat16)
@@ -158,7 +166,7 @@ def test_bf16_activations_round_only_the_input(precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_prefill_gemm_in_bf16_where_native_else_fp32(precision, monkeypatch):
+def test_prefill_gemm_in_bf16_where_native_else_fp32(precision, monkeypatch, torch_products):
     """The dense path multiplies in bf16 where the CPU has native bf16, else in fp32, there through oneDNN or MKL
     (quant.matmul_fp32): both libraries give the product within fp32's rounding."""
     g = torch.Generator().manual_seed(7)
@@ -180,7 +188,8 @@ def test_prefill_gemm_in_bf16_where_native_else_fp32(precision, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_the_chunked_prefill_product_leaves_nothing_of_the_last_chunk_in_its_scratch(precision, monkeypatch):
+def test_the_chunked_prefill_product_leaves_nothing_of_the_last_chunk_in_its_scratch(precision, monkeypatch,
+                                                                                     torch_products):
     """The dense path dequantizes chunk after chunk into one buffer: each chunk is the weight's own rows, whatever
     the buffer held, and the product of all chunks is the product of the whole weight."""
     g = torch.Generator().manual_seed(11)
@@ -256,17 +265,23 @@ def test_modules_hold_no_float_copy_of_the_weight(precision, ratio):
 
 needs_native = pytest.mark.skipif(
     not native.wanted() or not native.compiler_path(),
-    reason="the AVX2 decode kernels run on torch's AVX2 path only (an AVX-512 machine runs this module again there), "
+    reason="the AVX2 products run on torch's AVX2 path only (an AVX-512 machine runs this module again there), "
            "built by a C compiler")
 
 
+# decode kernels, the tiled products (a remainder of 6-row micro-kernels), more rows than the tiled products take at
+# a time (TILED_ROW_CHUNK = 256 in the C file)
+NATIVE_ROWS = [1, 2, 3, native.INT4_TILED_MIN_ROWS, native.INT8_TILED_MIN_ROWS + 1, native.BF16_TILED_MIN_ROWS + 1, 300]
+
+
 @needs_native
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", NATIVE_ROWS)
 @pytest.mark.parametrize("out_features, in_features, group", [(32, 64, 32), (96, 384, 128), (224, 512, 256),
                                                               (64, 4096, 128)])
 def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows):
-    """The AVX2 int4 kernel against x @ W.T in float64. It sums code * x per group, then scales and adds
-    (zero - 8 scale) * sum(x), so its rounding is bounded by those terms' magnitudes, not W's:
+    """The AVX2 int4 products against x @ W.T in float64. The decode kernel sums code * x per group, then scales and
+    adds (zero - 8 scale) * sum(x); the tiled one decodes w = code * scale + (zero - 8 scale) in fp32 and sums w * x.
+    Either way the rounding is bounded by those terms' magnitudes, not W's:
     (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| + |zero - 8 scale|), every sum in fp32."""
     g = torch.Generator().manual_seed(out_features + rows)
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int4", group,
@@ -275,7 +290,8 @@ def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in
     x = torch.randn(rows, in_features, generator=g).bfloat16()
     assert native.takes_int4(x, module)
     y = native.int4_matmul(x, module.qweight, module.scales_and_zeros, out_features, group).double()
-    assert torch.equal(module.fused(x), y.float())   # the layer's decode product is this kernel
+    assert torch.equal(module.fused(x), y.float())
+    assert torch.equal(module(x), y.bfloat16())   # the layer's product is this one, prompt-sized rows included
 
     x64 = x.double()
     codes = module.unpack_codes(0, out_features).double()
@@ -287,7 +303,7 @@ def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", NATIVE_ROWS)
 @pytest.mark.parametrize("out_features, in_features", [(4, 16), (36, 48), (200, 4112)])
 def test_native_bf16_product_is_exact_products_summed_in_fp32(out_features, in_features, rows):
     g = torch.Generator().manual_seed(out_features + rows)
@@ -299,21 +315,24 @@ def test_native_bf16_product_is_exact_products_summed_in_fp32(out_features, in_f
     assert ((y - ref).abs() <= error_bound(x.double(), w.double(), torch.float32)).all()
     layer = nn.Linear(in_features, out_features, dtype=torch.bfloat16)
     layer.weight.data, layer.bias.data = w, torch.randn(out_features, generator=g).bfloat16()
-    assert torch.equal(linear(layer, x), (y.float() + layer.bias).bfloat16())   # the model's decode product is this
+    assert torch.equal(linear(layer, x), (y.float() + layer.bias).bfloat16())   # the model's product is this one
 
 
 @needs_native
+@pytest.mark.parametrize("rows", [1, native.INT8_TILED_MIN_ROWS, 300])
 @pytest.mark.parametrize("out_features, in_features", [(4, 16), (36, 100), (200, 4104)])
-def test_native_int8_product_is_exact_products_summed_in_fp32(out_features, in_features):
-    """One row (the lone visitor's decode step); widths not a multiple of 16 run the kernel's tail on the layer's
-    zero-padded weight."""
-    g = torch.Generator().manual_seed(out_features)
+def test_native_int8_product_is_exact_products_summed_in_fp32(out_features, in_features, rows):
+    """One row (the lone visitor's decode step), and the tiled product from INT8_TILED_MIN_ROWS on (torch's kernel in
+    between). Widths not a multiple of 16 run on the layer's zero-padded weight: the decode kernel's tail, the tiled
+    product's last tile."""
+    g = torch.Generator().manual_seed(out_features + rows)
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int8",
                                    activation_dtype=torch.bfloat16)
-    x = torch.randn(1, in_features, generator=g).bfloat16()
-    assert native.takes_int8(x, module) and not native.takes_int8(x.repeat(2, 1), module)
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    assert native.takes_int8(x, module) and not native.takes_int8(x[:1].repeat(2, 1), module)
     y = native.int8_matmul(x, module.qweight, module.scales).double()
-    assert torch.equal(module.fused(x), y.float())   # the layer's decode product is this kernel
+    assert torch.equal(module.fused(x), y.float())
+    assert torch.equal(module(x), y.bfloat16())   # the layer's product is this one, prompt-sized rows included
     w = module.dequantize(torch.float64)
     ref = x.double() @ w.t()
     assert ((y - ref).abs() <= error_bound(x.double(), w, torch.float32)).all()

@@ -1,0 +1,393 @@
+/* Products for AVX2 CPUs, where torch's kernels are slower than memory (decode: a row or a few) or the CPU's
+ * arithmetic (prompts: many rows) allows. Built by glm_core/native.py on first use; plain C + OpenMP (the process's
+ * libgomp, so torch's thread count applies). Activations are bf16, sums fp32, outputs fp32. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* x [rows, k] bf16 -> fp32, and the sums of each group of `group` columns [rows, k / group] */
+static void widen(const uint16_t *x, float *xf, float *group_sums, int rows, int k, int group) {
+    for (int m = 0; m < rows; m++) {
+        for (int i = 0; i < k; i++) xf[(size_t)m * k + i] = bf16_to_f32(x[(size_t)m * k + i]);
+        for (int g = 0; g < k / group; g++) {
+            float s = 0.f;
+            for (int i = 0; i < group; i++) s += xf[(size_t)m * k + g * group + i];
+            group_sums[m * (k / group) + g] = s;
+        }
+    }
+}
+
+/* Output rows 8i..8i+7 of a group from their bf16 (scale, zero) pairs: w = code * scale + offset with offset =
+ * zero - 8 scale; for the high nibbles (i >= 2, read as 16 x code, masked in place) the scale is divided by 16. */
+static inline void int4_scale_offset(const uint32_t *pairs, int i, __m256 *scale, __m256 *offset) {
+    __m256i p = _mm256_loadu_si256((const __m256i *)(pairs + 8 * i));
+    __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+    *offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s,
+                               _mm256_castsi256_ps(_mm256_and_si256(p, _mm256_set1_epi32((int)0xFFFF0000u))));
+    *scale = i >= 2 ? _mm256_mul_ps(s, _mm256_set1_ps(1.f / 16)) : s;
+}
+
+/* One block of 32 output rows for ROWS (1 or 2) activation rows. The weight is torch's AVX2 int4 layout
+ * (_convert_weight_to_int4pack_for_cpu): per block [k][16] bytes, the low nibble of byte j row j, the high nibble
+ * row 16 + j. scales_zeros [k / group][n][2] bf16: w = (code - 8) * scale + zero = code * scale + (zero - 8 scale).
+ * Codes are summed against x per group, then scaled. Bytes are widened to 32-bit lanes as they are loaded and the
+ * high nibble is masked in place (16 * code, the sum scaled by 1/16 after): one shuffle per 8 bytes, the port
+ * AVX2 CPUs have fewest of (the first version split nibbles before widening: 7 shuffles per 16 bytes, 1.4x slower). */
+#define INT4_BLOCK(ROWS)                                                                                        \
+    static void int4_block_##ROWS(const uint8_t *w, const uint32_t *sz, const float *xf, const float *gsum,   \
+                                  float *y, int n, int k, int group, int block) {                               \
+        const __m256i low4 = _mm256_set1_epi32(0x0F), high4 = _mm256_set1_epi32(0xF0);                        \
+        __m256 out[ROWS][4];                                                                                   \
+        for (int m = 0; m < ROWS; m++)                                                                         \
+            for (int i = 0; i < 4; i++) out[m][i] = _mm256_setzero_ps();                                       \
+        const uint8_t *codes = w + (size_t)block * k * 16;                                                     \
+        for (int g = 0; g < k / group; g++) {                                                                  \
+            __m256 acc[ROWS][4];  /* rows 0-7, 8-15, 16 * (rows 16-23), 16 * (rows 24-31) */                   \
+            for (int m = 0; m < ROWS; m++)                                                                     \
+                for (int i = 0; i < 4; i++) acc[m][i] = _mm256_setzero_ps();                                   \
+            for (int kk = g * group; kk < (g + 1) * group; kk++) {                                             \
+                const uint8_t *at = codes + (size_t)kk * 16;                                                   \
+                __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)at));                       \
+                __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(at + 8)));                 \
+                __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low4));                                    \
+                __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4));                                    \
+                __m256 w2 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, high4));                                   \
+                __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, high4));                                   \
+                for (int m = 0; m < ROWS; m++) {                                                               \
+                    __m256 xb = _mm256_broadcast_ss(xf + (size_t)m * k + kk);                                  \
+                    acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);                                            \
+                    acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);                                            \
+                    acc[m][2] = _mm256_fmadd_ps(w2, xb, acc[m][2]);                                            \
+                    acc[m][3] = _mm256_fmadd_ps(w3, xb, acc[m][3]);                                            \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int i = 0; i < 4; i++) {                                                                      \
+                __m256 scale, offset;                                                                          \
+                int4_scale_offset(sz + (size_t)g * n + (size_t)block * 32, i, &scale, &offset);                \
+                for (int m = 0; m < ROWS; m++) {                                                               \
+                    __m256 xs = _mm256_set1_ps(gsum[m * (k / group) + g]);                                     \
+                    out[m][i] = _mm256_fmadd_ps(scale, acc[m][i], _mm256_fmadd_ps(offset, xs, out[m][i]));     \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int m = 0; m < ROWS; m++)                                                                         \
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + (size_t)m * n + block * 32 + 8 * i, out[m][i]);   \
+    }
+INT4_BLOCK(1)
+INT4_BLOCK(2)
+
+/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T, W int4 as above; n a multiple of 32, k of group. 0, or -1 when out
+ * of memory. */
+int int4_matmul(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n, int k,
+                int group) {
+    float *xf = malloc(sizeof(float) * ((size_t)rows * k + (size_t)rows * (k / group)));
+    if (!xf) return -1;
+    float *gsum = xf + (size_t)rows * k;
+    widen(x, xf, gsum, rows, k, group);
+    const uint32_t *sz = (const uint32_t *)scales_zeros;
+    for (int m = 0; m < rows; m += 2) {
+        int pair = rows - m >= 2;
+#pragma omp parallel for schedule(static)
+        for (int block = 0; block < n / 32; block++) {
+            if (pair)
+                int4_block_2(w, sz, xf + (size_t)m * k, gsum + m * (k / group), y + (size_t)m * n, n, k, group, block);
+            else
+                int4_block_1(w, sz, xf + (size_t)m * k, gsum + m * (k / group), y + (size_t)m * n, n, k, group, block);
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* Dot products of ROWS_W weight rows (bf16, row-major, k a multiple of 16) with one fp32 row split into its even
+ * and odd columns: a bf16 pair loaded as one 32-bit lane gives the even column's fp32 by a shift and the odd
+ * one's by a mask, so no widening shuffle is needed. */
+#define ROWS_W 4
+static void bf16_rows(const uint16_t *w, const float *x_even, const float *x_odd, float *y, int k) {
+    const __m256i high16 = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 even[ROWS_W], odd[ROWS_W];
+    for (int r = 0; r < ROWS_W; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    for (int i = 0; i < k; i += 16) {
+        __m256 xe = _mm256_loadu_ps(x_even + i / 2), xo = _mm256_loadu_ps(x_odd + i / 2);
+        for (int r = 0; r < ROWS_W; r++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * k + i));
+            even[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, even[r]);
+            odd[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high16)), xo, odd[r]);
+        }
+    }
+    for (int r = 0; r < ROWS_W; r++) y[r] = hsum(_mm256_add_ps(even[r], odd[r]));
+}
+
+/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T, W bf16 [n, k] row-major; n a multiple of 4, k of 16. 0, or -1 when out
+ * of memory. */
+int bf16_matmul(const uint16_t *x, const uint16_t *w, float *y, int rows, int n, int k) {
+    float *split = malloc(sizeof(float) * (size_t)rows * k);
+    if (!split) return -1;
+    for (int m = 0; m < rows; m++)
+        for (int i = 0; i < k; i++) split[(size_t)m * k + (i % 2) * (k / 2) + i / 2] = bf16_to_f32(x[(size_t)m * k + i]);
+#pragma omp parallel for schedule(static)
+    for (int quad = 0; quad < n / ROWS_W; quad++)
+        for (int m = 0; m < rows; m++) {
+            const float *xm = split + (size_t)m * k;
+            bf16_rows(w + (size_t)quad * ROWS_W * k, xm, xm + k / 2, y + (size_t)m * n + quad * ROWS_W, k);
+        }
+    free(split);
+    return 0;
+}
+
+/* Dot products of ROWS_W int8 weight rows (row stride ldw) with one fp32 row of k columns, times each row's
+ * scale: bytes widened to 32-bit lanes as they are loaded, the tail past the last 16 columns one at a time. */
+static void int8_rows(const int8_t *w, int ldw, const float *scales, const float *x, float *y, int k) {
+    __m256 lo[ROWS_W], hi[ROWS_W];
+    for (int r = 0; r < ROWS_W; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    int body = k / 16 * 16;
+    for (int i = 0; i < body; i += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        for (int r = 0; r < ROWS_W; r++) {
+            const int8_t *at = w + (size_t)r * ldw + i;
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)at)));
+            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(at + 8))));
+            lo[r] = _mm256_fmadd_ps(w0, x0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(w1, x1, hi[r]);
+        }
+    }
+    for (int r = 0; r < ROWS_W; r++) {
+        float sum = hsum(_mm256_add_ps(lo[r], hi[r]));
+        for (int i = body; i < k; i++) sum += (float)w[(size_t)r * ldw + i] * x[i];
+        y[r] = sum * scales[r];
+    }
+}
+
+/* y [rows, n] fp32 = x [rows, k] bf16 @ (scale * q).T, q int8 [n, ldw >= k] row-major, scales bf16 [n]; n a multiple
+ * of 4. 0, or -1 when out of memory. */
+int int8_matmul(const uint16_t *x, const int8_t *w, const uint16_t *scales, float *y, int rows, int n, int k,
+                int ldw) {
+    float *xf = malloc(sizeof(float) * ((size_t)rows * k + n));
+    if (!xf) return -1;
+    float *scale = xf + (size_t)rows * k;
+    for (size_t i = 0; i < (size_t)rows * k; i++) xf[i] = bf16_to_f32(x[i]);
+    for (int i = 0; i < n; i++) scale[i] = bf16_to_f32(scales[i]);
+#pragma omp parallel for schedule(static)
+    for (int quad = 0; quad < n / ROWS_W; quad++)
+        for (int m = 0; m < rows; m++)
+            int8_rows(w + (size_t)quad * ROWS_W * ldw, ldw, scale + quad * ROWS_W, xf + (size_t)m * k,
+                      y + (size_t)m * n + quad * ROWS_W, k);
+    free(xf);
+    return 0;
+}
+
+/* Several activation rows: each block of 32 output columns is decoded a tile of k at a time into fp32 [tile_k][32]
+ * that stays in L1 while every row multiplies it, so decoding is paid once per TILED_ROW_CHUNK rows instead of
+ * once per row (pair). The chunk bounds the activations a block reads to what L2 holds across blocks. */
+#define TILED_ROW_CHUNK 256
+struct tiled_weight {
+    int kind;               /* 0: int4 (torch's AVX2 layout, above), 1: int8 [n][ldw], 2: bf16 [n][ldw] */
+    const void *w;
+    const uint32_t *scales_zeros;  /* int4: bf16 (scale, zero) pairs [k / group][n] */
+    const float *scales;           /* int8: per output column, applied to the finished sums */
+    int n, k, group;               /* k: the weight's row length (int8: padded), the activations' too */
+};
+
+/* int4: w = code * scale + offset, one rounding; k0..k0+kk within one group */
+static void decode_int4(const struct tiled_weight *wt, int block, int k0, int kk, float *tile) {
+    const __m256i low4 = _mm256_set1_epi32(0x0F), high4 = _mm256_set1_epi32(0xF0);
+    __m256 scale[4], offset[4];
+    for (int i = 0; i < 4; i++)
+        int4_scale_offset(wt->scales_zeros + (size_t)(k0 / wt->group) * wt->n + (size_t)block * 32, i, &scale[i],
+                          &offset[i]);
+    const uint8_t *codes = (const uint8_t *)wt->w + ((size_t)block * wt->k + k0) * 16;
+    for (int i = 0; i < kk; i++, codes += 16) {
+        __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
+        __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8)));
+        float *t = tile + i * 32;
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)), scale[0], offset[0]));
+        _mm256_storeu_ps(t + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)), scale[1], offset[1]));
+        _mm256_storeu_ps(t + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, high4)), scale[2], offset[2]));
+        _mm256_storeu_ps(t + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, high4)), scale[3], offset[3]));
+    }
+}
+
+/* 8 x 8 transpose: r[j] holds 8 columns of weight row j, tile row i gets column i of the 8 rows */
+static inline void store_transposed(__m256 r[8], float *tile) {
+    __m256 t[8];
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+        r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+        r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+        r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+        r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        _mm256_storeu_ps(tile + j * 32, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+        _mm256_storeu_ps(tile + (j + 4) * 32, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+    }
+}
+
+/* int8 (codes as floats, scaled after the sums) and bf16 (exact in fp32): row-major weights transposed 8 x 8 into
+ * the tile; columns past n are zero. kk a multiple of 8. */
+static void decode_rows(const struct tiled_weight *wt, int block, int k0, int kk, float *tile) {
+    for (int c0 = 0; c0 < 32; c0 += 8) {
+        int valid = wt->n - (block * 32 + c0);
+        valid = valid < 0 ? 0 : valid > 8 ? 8 : valid;
+        size_t first = (size_t)(block * 32 + c0) * wt->k + k0;
+        for (int i = 0; i < kk; i += 8) {
+            __m256 r[8];
+            for (int j = 0; j < 8; j++) {
+                if (j >= valid) {
+                    r[j] = _mm256_setzero_ps();
+                } else if (wt->kind == 1) {
+                    const int8_t *at = (const int8_t *)wt->w + first + (size_t)j * wt->k + i;
+                    r[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)at)));
+                } else {
+                    const uint16_t *at = (const uint16_t *)wt->w + first + (size_t)j * wt->k + i;
+                    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)at));
+                    r[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                }
+            }
+            store_transposed(r, tile + i * 32 + c0);
+        }
+    }
+}
+
+/* Rows m..m+ROWS of acc [rows][32] += x [rows, k] (fp32, columns k0..k0+kk) @ tile [kk][32], 16 columns at a
+ * time: the tile's vectors are loaded once for ROWS broadcast activations (up to 6: 12 accumulators, 2 weight
+ * vectors and a broadcast fill the 16 registers). */
+#define TILE_ROWS(ROWS)                                                                                         \
+    static void tile_rows_##ROWS(const float *tile, const float *x, float *acc, int k, int k0, int kk) {        \
+        for (int half = 0; half < 2; half++) {                                                                 \
+            __m256 a[ROWS][2];                                                                                 \
+            for (int r = 0; r < ROWS; r++) {                                                                   \
+                a[r][0] = _mm256_loadu_ps(acc + r * 32 + half * 16);                                           \
+                a[r][1] = _mm256_loadu_ps(acc + r * 32 + half * 16 + 8);                                       \
+            }                                                                                                  \
+            for (int i = 0; i < kk; i++) {                                                                     \
+                __m256 w0 = _mm256_loadu_ps(tile + i * 32 + half * 16);                                        \
+                __m256 w1 = _mm256_loadu_ps(tile + i * 32 + half * 16 + 8);                                    \
+                for (int r = 0; r < ROWS; r++) {                                                               \
+                    __m256 xb = _mm256_broadcast_ss(x + (size_t)r * k + k0 + i);                               \
+                    a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);                                                \
+                    a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);                                                \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int r = 0; r < ROWS; r++) {                                                                   \
+                _mm256_storeu_ps(acc + r * 32 + half * 16, a[r][0]);                                           \
+                _mm256_storeu_ps(acc + r * 32 + half * 16 + 8, a[r][1]);                                      \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+TILE_ROWS(1)
+TILE_ROWS(2)
+TILE_ROWS(3)
+TILE_ROWS(4)
+TILE_ROWS(5)
+TILE_ROWS(6)
+
+/* acc [rows][32] += x [rows, k] (columns k0..k0+kk) @ tile [kk][32] */
+static void tile_matmul(const float *tile, const float *x, float *acc, int rows, int k, int k0, int kk) {
+    static void (*const by_rows[])(const float *, const float *, float *, int, int, int) = {
+        tile_rows_1, tile_rows_2, tile_rows_3, tile_rows_4, tile_rows_5, tile_rows_6};
+    for (int m = 0; m < rows; m += 6) {
+        int take = rows - m < 6 ? rows - m : 6;
+        by_rows[take - 1](tile, x + (size_t)m * k, acc + (size_t)m * 32, k, k0, kk);
+    }
+}
+
+/* One block of 32 output columns for `rows` activation rows xf [rows, k] fp32 */
+static void tiled_block(const struct tiled_weight *wt, const float *xf, float *y, int rows, int block, float *tile,
+                        float *acc) {
+    int tile_k = wt->kind == 0 ? wt->group : 128;
+    memset(acc, 0, sizeof(float) * (size_t)rows * 32);
+    for (int k0 = 0; k0 < wt->k; k0 += tile_k) {
+        int kk = wt->k - k0 < tile_k ? wt->k - k0 : tile_k;
+        if (wt->kind == 0)
+            decode_int4(wt, block, k0, kk, tile);
+        else
+            decode_rows(wt, block, k0, kk, tile);
+        tile_matmul(tile, xf, acc, rows, wt->k, k0, kk);
+    }
+    int cols = wt->n - block * 32 < 32 ? wt->n - block * 32 : 32;
+    for (int m = 0; m < rows; m++) {
+        float *out = y + (size_t)m * wt->n + block * 32;
+        const float *sums = acc + (size_t)m * 32;
+        for (int c = 0; c < cols; c++) out[c] = wt->scales ? sums[c] * wt->scales[block * 32 + c] : sums[c];
+    }
+}
+
+/* y [rows, n] = xf [rows, k] @ W.T; 0, or -1 when out of memory */
+static int tiled_matmul(const struct tiled_weight *wt, const float *xf, float *y, int rows) {
+    int failed = 0, blocks = (wt->n + 31) / 32, tile_k = wt->kind == 0 ? wt->group : 128;
+#pragma omp parallel
+    {
+        float *tile = malloc(sizeof(float) * ((size_t)tile_k * 32 + (size_t)TILED_ROW_CHUNK * 32));
+        if (!tile) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (int m = 0; m < rows; m += TILED_ROW_CHUNK) {
+            int take = rows - m < TILED_ROW_CHUNK ? rows - m : TILED_ROW_CHUNK;
+#pragma omp for schedule(static)
+            for (int block = 0; block < blocks; block++)
+                if (tile)
+                    tiled_block(wt, xf + (size_t)m * wt->k, y + (size_t)m * wt->n, take, block, tile,
+                                tile + (size_t)tile_k * 32);
+        }
+        free(tile);
+    }
+    return failed ? -1 : 0;
+}
+
+/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T through tiles, W int4 as int4_matmul's; 0, or -1 when out of memory */
+int int4_matmul_tiled(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n,
+                      int k, int group) {
+    float *xf = malloc(sizeof(float) * ((size_t)rows * k + (size_t)rows * (k / group)));
+    if (!xf) return -1;
+    widen(x, xf, xf + (size_t)rows * k, rows, k, group);
+    struct tiled_weight wt = {0, w, (const uint32_t *)scales_zeros, NULL, n, k, group};
+    int rc = tiled_matmul(&wt, xf, y, rows);
+    free(xf);
+    return rc;
+}
+
+/* the same, W int8 as int8_matmul's: n any, ldw a multiple of 16 */
+int int8_matmul_tiled(const uint16_t *x, const int8_t *w, const uint16_t *scales, float *y, int rows, int n, int k,
+                      int ldw) {
+    float *xf = calloc((size_t)rows * ldw + n, sizeof(float));   /* columns k..ldw stay zero, as the weight's */
+    if (!xf) return -1;
+    float *scale = xf + (size_t)rows * ldw;
+    for (int m = 0; m < rows; m++)
+        for (int i = 0; i < k; i++) xf[(size_t)m * ldw + i] = bf16_to_f32(x[(size_t)m * k + i]);
+    for (int i = 0; i < n; i++) scale[i] = bf16_to_f32(scales[i]);
+    struct tiled_weight wt = {1, w, NULL, scale, n, ldw, 0};
+    int rc = tiled_matmul(&wt, xf, y, rows);
+    free(xf);
+    return rc;
+}
+
+/* the same, W bf16 as bf16_matmul's: n any, k a multiple of 8 */
+int bf16_matmul_tiled(const uint16_t *x, const uint16_t *w, float *y, int rows, int n, int k) {
+    float *xf = malloc(sizeof(float) * (size_t)rows * k);
+    if (!xf) return -1;
+    for (size_t i = 0; i < (size_t)rows * k; i++) xf[i] = bf16_to_f32(x[i]);
+    struct tiled_weight wt = {2, w, NULL, NULL, n, k, 0};
+    int rc = tiled_matmul(&wt, xf, y, rows);
+    free(xf);
+    return rc;
+}
