@@ -2,8 +2,8 @@
 arithmetic unused. Decode (a row or a few): on a 2-core AVX2 Zen 2, one row against a 27392 x 4096 weight, bf16 ran
 6.7 ms (33 GB/s) against torch's 16.9 ms (13 GB/s), int4 in torch's packed layout 3.5-4.4 ms against 7.7. More rows
 (prefill, batched decode): each block of 32 output columns is decoded a tile at a time into fp32 that stays in L1
-while every row multiplies it: 512 rows against the same weight, int4 0.71 s against 0.89 for dequantizing into a
-fp32 GEMM (oneDNN), bf16 0.74 against 0.86; 32 rows int4 47 ms against 82 for the decode kernel. BENCHMARKS.md has
+while every row multiplies it: 512 rows against the same weight, int4 0.63 s against 0.89 for dequantizing into a
+fp32 GEMM (oneDNN), bf16 0.66 against 0.86; 32 rows int4 44 ms against 82 for the decode kernel. BENCHMARKS.md has
 the figures.
 
 The C file is compiled on first use with the system's C compiler into the cache (keyed by the source's hash) and
@@ -37,14 +37,14 @@ SOURCE = Path(__file__).parent / "kernels" / "matmul_avx2.c"
 # loops aligned to 64 bytes: the int4 decode kernel ran 5-10 % slower or faster as unrelated code moved it
 FLAGS = ["-O3", "-mavx2", "-mfma", "-falign-loops=64", "-fopenmp", "-shared", "-fPIC"]
 # Row counts where each kernel takes over, measured on a 2-core Zen 2 against a 27392 x 4096 weight (ms):
-# int4: decode kernel 4 rows 8.7-11.7, 6 rows 13.8-14.1; tiled 11.6-12.0 and 13.4-14.1
+# int4: decode kernel 4 rows 8.9, 5 rows 14.2; tiled 11.1 and 11.3
 INT4_TILED_MIN_ROWS = 5
-# int8: 1 row 5.2 against torch's 6.5 (2 rows: 8.2 against 7.5, torch's stays); tiled 16 rows 34 against torch's 44
-# (8: 28 against 22), 128 rows 177 against 271 for the dequantized GEMM
+# int8: 1 row 5.2 against torch's 6.5 (2 rows: 8.2 against 7.5, torch's stays); tiled 8 rows 25.3 against torch's
+# 21.7, 10 rows 25.7 against 32.4 (torch's steps up past 8), 128 rows 162 against 269 for the dequantized GEMM
 INT8_MAX_ROWS = 1
-INT8_TILED_MIN_ROWS = 12
-# bf16: decode kernel 16 rows 34 against the tiled 42, 32 rows 64 against 64, 64 rows 123 against 99
-BF16_TILED_MIN_ROWS = 32
+INT8_TILED_MIN_ROWS = 9
+# bf16: decode kernel 16 rows 31.4 against the tiled 36.9, 24 rows 45.2 against 44.0, 32 rows 59.8 against 55.9
+BF16_TILED_MIN_ROWS = 24
 _build_lock = threading.Lock()
 
 

@@ -270,7 +270,7 @@ needs_native = pytest.mark.skipif(
 
 
 # decode kernels, the tiled products (a remainder of 6-row micro-kernels), more rows than the tiled products take at
-# a time (TILED_ROW_CHUNK = 256 in the C file)
+# a time (TILED_ROW_CHUNK = 252 in the C file)
 NATIVE_ROWS = [1, 2, 3, native.INT4_TILED_MIN_ROWS, native.INT8_TILED_MIN_ROWS + 1, native.BF16_TILED_MIN_ROWS + 1, 300]
 
 

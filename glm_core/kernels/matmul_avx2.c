@@ -194,7 +194,8 @@ int int8_matmul(const uint16_t *x, const int8_t *w, const uint16_t *scales, floa
 /* Several activation rows: each block of 32 output columns is decoded a tile of k at a time into fp32 [tile_k][32]
  * that stays in L1 while every row multiplies it, so decoding is paid once per TILED_ROW_CHUNK rows instead of
  * once per row (pair). The chunk bounds the activations a block reads to what L2 holds across blocks. */
-#define TILED_ROW_CHUNK 256
+#define TILED_ROW_CHUNK 252   /* whole groups of MICRO_ROWS */
+#define MICRO_ROWS 6
 struct tiled_weight {
     int kind;               /* 0: int4 (torch's AVX2 layout, above), 1: int8 [n][ldw], 2: bf16 [n][ldw] */
     const void *w;
@@ -267,11 +268,12 @@ static void decode_rows(const struct tiled_weight *wt, int block, int k0, int kk
     }
 }
 
-/* Rows m..m+ROWS of acc [rows][32] += x [rows, k] (fp32, columns k0..k0+kk) @ tile [kk][32], 16 columns at a
- * time: the tile's vectors are loaded once for ROWS broadcast activations (up to 6: 12 accumulators, 2 weight
- * vectors and a broadcast fill the 16 registers). */
+/* ROWS rows of acc [rows][32] += x @ tile [kk][32], 16 columns at a time, x one packed group of activation rows
+ * (pack_rows: [k][MICRO_ROWS], columns k0..k0+kk): the tile's vectors are loaded once for ROWS broadcast activations
+ * (up to 6: 12 accumulators, 2 weight vectors and a broadcast fill the 16 registers), read from consecutive
+ * addresses (rows k apart would share L1 sets when k is a power of two). */
 #define TILE_ROWS(ROWS)                                                                                         \
-    static void tile_rows_##ROWS(const float *tile, const float *x, float *acc, int k, int k0, int kk) {        \
+    static void tile_rows_##ROWS(const float *tile, const float *x, float *acc, int k0, int kk) {               \
         for (int half = 0; half < 2; half++) {                                                                 \
             __m256 a[ROWS][2];                                                                                 \
             for (int r = 0; r < ROWS; r++) {                                                                   \
@@ -282,7 +284,7 @@ static void decode_rows(const struct tiled_weight *wt, int block, int k0, int kk
                 __m256 w0 = _mm256_loadu_ps(tile + i * 32 + half * 16);                                        \
                 __m256 w1 = _mm256_loadu_ps(tile + i * 32 + half * 16 + 8);                                    \
                 for (int r = 0; r < ROWS; r++) {                                                               \
-                    __m256 xb = _mm256_broadcast_ss(x + (size_t)r * k + k0 + i);                               \
+                    __m256 xb = _mm256_broadcast_ss(x + (size_t)(k0 + i) * MICRO_ROWS + r);                   \
                     a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);                                                \
                     a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);                                                \
                 }                                                                                              \
@@ -300,18 +302,18 @@ TILE_ROWS(4)
 TILE_ROWS(5)
 TILE_ROWS(6)
 
-/* acc [rows][32] += x [rows, k] (columns k0..k0+kk) @ tile [kk][32] */
+/* acc [rows][32] += x (packed rows, columns k0..k0+kk) @ tile [kk][32] */
 static void tile_matmul(const float *tile, const float *x, float *acc, int rows, int k, int k0, int kk) {
-    static void (*const by_rows[])(const float *, const float *, float *, int, int, int) = {
+    static void (*const by_rows[])(const float *, const float *, float *, int, int) = {
         tile_rows_1, tile_rows_2, tile_rows_3, tile_rows_4, tile_rows_5, tile_rows_6};
-    for (int m = 0; m < rows; m += 6) {
-        int take = rows - m < 6 ? rows - m : 6;
-        by_rows[take - 1](tile, x + (size_t)m * k, acc + (size_t)m * 32, k, k0, kk);
+    for (int m = 0; m < rows; m += MICRO_ROWS) {
+        int take = rows - m < MICRO_ROWS ? rows - m : MICRO_ROWS;
+        by_rows[take - 1](tile, x + (size_t)m * k, acc + (size_t)m * 32, k0, kk);
     }
 }
 
-/* One block of 32 output columns for `rows` activation rows xf [rows, k] fp32 */
-static void tiled_block(const struct tiled_weight *wt, const float *xf, float *y, int rows, int block, float *tile,
+/* One block of 32 output columns for `rows` activation rows, packed */
+static void tiled_block(const struct tiled_weight *wt, const float *packed, float *y, int rows, int block, float *tile,
                         float *acc) {
     int tile_k = wt->kind == 0 ? wt->group : 128;
     memset(acc, 0, sizeof(float) * (size_t)rows * 32);
@@ -321,7 +323,7 @@ static void tiled_block(const struct tiled_weight *wt, const float *xf, float *y
             decode_int4(wt, block, k0, kk, tile);
         else
             decode_rows(wt, block, k0, kk, tile);
-        tile_matmul(tile, xf, acc, rows, wt->k, k0, kk);
+        tile_matmul(tile, packed, acc, rows, wt->k, k0, kk);
     }
     int cols = wt->n - block * 32 < 32 ? wt->n - block * 32 : 32;
     for (int m = 0; m < rows; m++) {
@@ -331,8 +333,8 @@ static void tiled_block(const struct tiled_weight *wt, const float *xf, float *y
     }
 }
 
-/* y [rows, n] = xf [rows, k] @ W.T; 0, or -1 when out of memory */
-static int tiled_matmul(const struct tiled_weight *wt, const float *xf, float *y, int rows) {
+/* y [rows, n] = x @ W.T, x the rows packed by pack_rows; 0, or -1 when out of memory */
+static int tiled_matmul(const struct tiled_weight *wt, const float *packed, float *y, int rows) {
     int failed = 0, blocks = (wt->n + 31) / 32, tile_k = wt->kind == 0 ? wt->group : 128;
 #pragma omp parallel
     {
@@ -346,7 +348,7 @@ static int tiled_matmul(const struct tiled_weight *wt, const float *xf, float *y
 #pragma omp for schedule(static)
             for (int block = 0; block < blocks; block++)
                 if (tile)
-                    tiled_block(wt, xf + (size_t)m * wt->k, y + (size_t)m * wt->n, take, block, tile,
+                    tiled_block(wt, packed + (size_t)m * wt->k, y + (size_t)m * wt->n, take, block, tile,
                                 tile + (size_t)tile_k * 32);
         }
         free(tile);
@@ -354,40 +356,48 @@ static int tiled_matmul(const struct tiled_weight *wt, const float *xf, float *y
     return failed ? -1 : 0;
 }
 
-/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T through tiles, W int4 as int4_matmul's; 0, or -1 when out of memory */
-int int4_matmul_tiled(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n,
-                      int k, int group) {
-    float *xf = malloc(sizeof(float) * ((size_t)rows * k + (size_t)rows * (k / group)));
-    if (!xf) return -1;
-    widen(x, xf, xf + (size_t)rows * k, rows, k, group);
-    struct tiled_weight wt = {0, w, (const uint32_t *)scales_zeros, NULL, n, k, group};
-    int rc = tiled_matmul(&wt, xf, y, rows);
-    free(xf);
+/* x [rows, k] bf16 -> fp32 in groups of MICRO_ROWS rows, each [k_padded][MICRO_ROWS] (a group's activations for
+ * one column side by side); rows and columns past the input's are zero. NULL when out of memory. */
+static float *pack_rows(const uint16_t *x, int rows, int k, int k_padded) {
+    size_t groups = (size_t)(rows + MICRO_ROWS - 1) / MICRO_ROWS;
+    float *packed = calloc(groups * k_padded * MICRO_ROWS, sizeof(float));
+    if (!packed) return NULL;
+    for (int m = 0; m < rows; m++) {
+        float *group = packed + (size_t)(m / MICRO_ROWS) * k_padded * MICRO_ROWS + m % MICRO_ROWS;
+        for (int i = 0; i < k; i++) group[(size_t)i * MICRO_ROWS] = bf16_to_f32(x[(size_t)m * k + i]);
+    }
+    return packed;
+}
+
+static int tiled_product(const struct tiled_weight *wt, const uint16_t *x, float *y, int rows, int k) {
+    float *packed = pack_rows(x, rows, k, wt->k);
+    if (!packed) return -1;
+    int rc = tiled_matmul(wt, packed, y, rows);
+    free(packed);
     return rc;
 }
 
-/* the same, W int8 as int8_matmul's: n any, ldw a multiple of 16 */
+/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T through tiles, W int4 as int4_matmul's; 0, or -1 when out of memory */
+int int4_matmul_tiled(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n,
+                      int k, int group) {
+    struct tiled_weight wt = {0, w, (const uint32_t *)scales_zeros, NULL, n, k, group};
+    return tiled_product(&wt, x, y, rows, k);
+}
+
+/* the same, W int8 as int8_matmul's (scaled after the sums): n any, ldw a multiple of 16 */
 int int8_matmul_tiled(const uint16_t *x, const int8_t *w, const uint16_t *scales, float *y, int rows, int n, int k,
                       int ldw) {
-    float *xf = calloc((size_t)rows * ldw + n, sizeof(float));   /* columns k..ldw stay zero, as the weight's */
-    if (!xf) return -1;
-    float *scale = xf + (size_t)rows * ldw;
-    for (int m = 0; m < rows; m++)
-        for (int i = 0; i < k; i++) xf[(size_t)m * ldw + i] = bf16_to_f32(x[(size_t)m * k + i]);
+    float *scale = malloc(sizeof(float) * n);
+    if (!scale) return -1;
     for (int i = 0; i < n; i++) scale[i] = bf16_to_f32(scales[i]);
     struct tiled_weight wt = {1, w, NULL, scale, n, ldw, 0};
-    int rc = tiled_matmul(&wt, xf, y, rows);
-    free(xf);
+    int rc = tiled_product(&wt, x, y, rows, k);
+    free(scale);
     return rc;
 }
 
 /* the same, W bf16 as bf16_matmul's: n any, k a multiple of 8 */
 int bf16_matmul_tiled(const uint16_t *x, const uint16_t *w, float *y, int rows, int n, int k) {
-    float *xf = malloc(sizeof(float) * (size_t)rows * k);
-    if (!xf) return -1;
-    for (size_t i = 0; i < (size_t)rows * k; i++) xf[i] = bf16_to_f32(x[i]);
     struct tiled_weight wt = {2, w, NULL, NULL, n, k, 0};
-    int rc = tiled_matmul(&wt, xf, y, rows);
-    free(xf);
-    return rc;
+    return tiled_product(&wt, x, y, rows, k);
 }
