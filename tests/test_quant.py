@@ -277,7 +277,7 @@ NATIVE_ROWS = [1, 2, 3, native.INT4_TILED_MIN_ROWS, native.INT8_TILED_MIN_ROWS +
 @needs_native
 @pytest.mark.parametrize("rows", NATIVE_ROWS)
 @pytest.mark.parametrize("out_features, in_features, group", [(32, 64, 32), (96, 384, 128), (224, 512, 256),
-                                                              (64, 4096, 128)])
+                                                              (64, 4096, 128), (32, 12288, 128)])   # shorter chunks
 def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows):
     """The AVX2 int4 products against x @ W.T in float64. The decode kernel sums code * x per group, then scales and
     adds (zero - 8 scale) * sum(x); the tiled one decodes w = code * scale + (zero - 8 scale) in fp32 and sums w * x.
