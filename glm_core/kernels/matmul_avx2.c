@@ -200,12 +200,15 @@ int int8_matmul(const uint16_t *x, const int8_t *w, const uint16_t *scales, floa
  * 16 MB L3 (4096 x 13696 int4, 512 rows: 252-row chunks of 13.8 MB ran 428 ms, 126-row ones 338) */
 #define TILED_CHUNK_FLOATS (3 << 19)
 struct tiled_weight {
-    int kind;               /* 0: int4 (torch's AVX2 layout, above), 1: int8 [n][ldw], 2: bf16 [n][ldw] */
+    int kind;               /* 0: int4 (torch's AVX2 layout, above), 1: int8 [n][k], 2: bf16 [n][k] */
     const void *w;
     const uint32_t *scales_zeros;  /* int4: bf16 (scale, zero) pairs [k / group][n] */
     const float *scales;           /* int8: per output column, applied to the finished sums */
     int n, k, group;               /* k: the weight's row length (int8: padded), the activations' too */
 };
+
+/* columns of k a tile holds: one int4 group, else 128 (32 x 128 fp32: 16 KB of L1) */
+static inline int tile_width(const struct tiled_weight *wt) { return wt->kind == 0 ? wt->group : 128; }
 
 /* int4: w = code * scale + offset, one rounding; k0..k0+kk within one group */
 static void decode_int4(const struct tiled_weight *wt, int block, int k0, int kk, float *tile) {
@@ -318,7 +321,7 @@ static void tile_matmul(const float *tile, const float *x, float *acc, int rows,
 /* One block of 32 output columns for `rows` activation rows, packed */
 static void tiled_block(const struct tiled_weight *wt, const float *packed, float *y, int rows, int block, float *tile,
                         float *acc) {
-    int tile_k = wt->kind == 0 ? wt->group : 128;
+    int tile_k = tile_width(wt);
     memset(acc, 0, sizeof(float) * (size_t)rows * 32);
     for (int k0 = 0; k0 < wt->k; k0 += tile_k) {
         int kk = wt->k - k0 < tile_k ? wt->k - k0 : tile_k;
@@ -338,7 +341,7 @@ static void tiled_block(const struct tiled_weight *wt, const float *packed, floa
 
 /* y [rows, n] = x @ W.T, x the rows packed by pack_rows; 0, or -1 when out of memory */
 static int tiled_matmul(const struct tiled_weight *wt, const float *packed, float *y, int rows) {
-    int failed = 0, blocks = (wt->n + 31) / 32, tile_k = wt->kind == 0 ? wt->group : 128;
+    int failed = 0, blocks = (wt->n + 31) / 32, tile_k = tile_width(wt);
     int chunk = TILED_CHUNK_FLOATS / wt->k / MICRO_ROWS * MICRO_ROWS;
     chunk = chunk < MICRO_ROWS ? MICRO_ROWS : chunk > TILED_ROW_CHUNK ? TILED_ROW_CHUNK : chunk;
 #pragma omp parallel
