@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from glm_core import quant
+from glm_core import native, quant
 
 KERNEL_K_MULTIPLE = quant.INT8_KERNEL_K_MULTIPLE
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -24,6 +24,21 @@ def error_bound(x: torch.Tensor, w: torch.Tensor, rounding: torch.dtype) -> torc
     u, k = UNIT_ROUNDOFF[rounding], x.shape[1]
     magnitude = x.abs() @ w.abs().t()
     return 1.01 * (u * (x @ w.t()).abs() + (u + k * 2.0 ** -24) * magnitude) + 1e-30
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """What native's tiled int4 product multiplies instead of x [rows, in] (in a multiple of 32), in float64: each
+    block of 32 columns quantized to int8 with scale max|x| / 127, in fp32 arithmetic rounded to nearest even."""
+    blocks = x.float().unflatten(-1, (-1, 32))
+    top = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(top > 0, torch.full_like(top, 127) / top, 0)   # 127 / top is 127 * (1 / top) in torch
+    return ((blocks * inverse).round().double() * (top / torch.full_like(top, 127)).double()).flatten(-2)
+
+
+def takes_quantized_activations(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether module(x) runs native's tiled int4 product, which multiplies quantized_activations(x)."""
+    return (isinstance(module, quant.Int4Linear) and module.activation_dtype == torch.bfloat16
+            and x.shape[0] >= native.INT4_TILED_MIN_ROWS and module.native_takes(x.to(torch.bfloat16)))
 
 
 def layer(case: dict, generator: torch.Generator) -> torch.nn.Module:
@@ -50,8 +65,11 @@ def run(case: dict) -> str:
     y = module(x).double()
     w = module.dequantize().double()
     bias = 0 if module.bias is None else module.bias.double()
-    ref = x.double() @ w.t() + bias
-    bound = error_bound(x.double(), w, rounding) + 2.0 ** -24 * (ref.abs() + abs(bias))   # + bias in fp32
+    x64 = x.double()
+    if takes_quantized_activations(module, x):
+        x64 = quantized_activations(x)
+    ref = x64 @ w.t() + bias
+    bound = error_bound(x64, w, rounding) + 2.0 ** -24 * (ref.abs() + abs(bias))   # + bias in fp32
     over = ((y - ref).abs() - bound).max()
     kind = type(module).__name__
     if not torch.isfinite(y).all():

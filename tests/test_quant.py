@@ -15,7 +15,7 @@ from torch import nn
 from glm_core import native, quant
 from glm_core.model import linear
 from conftest import FIXTURES, ROOT
-from quant_sweep import error_bound
+from quant_sweep import error_bound, quantized_activations
 
 LAYER0 = "transformer.encoder.layers.0."
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -269,20 +269,32 @@ needs_native = pytest.mark.skipif(
            "built by a C compiler")
 
 
-# decode kernels, the tiled products (a remainder of 6-row micro-kernels), more rows than the tiled products take at
-# a time (TILED_ROW_CHUNK = 252 in the C file)
-NATIVE_ROWS = [1, 2, 3, native.INT4_TILED_MIN_ROWS, native.INT8_TILED_MIN_ROWS + 1, native.BF16_TILED_MIN_ROWS + 1, 300]
+# decode kernels, the tiled products (remainders of their 6-row micro-kernels, int4's 4-row ones), more rows than the
+# tiled products take at a time (TILED_ROW_CHUNK = 252 in the C file)
+NATIVE_ROWS = [1, 2, 3, 5, native.INT8_TILED_MIN_ROWS + 1, native.BF16_TILED_MIN_ROWS + 1, 300]
+
+
+def int4_reference(module: quant.Int4Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ W.T in float64, x quantized as the tiled product quantizes it from INT4_TILED_MIN_ROWS rows, and the
+    bound on the fp32 rounding. The decode kernel sums code * x per group, then scales and adds
+    (zero - 8 scale) * sum(x); the tiled one adds each block's exact integer sum times (activation scale x weight
+    scale), then (zero - 8 scale) * sum(x). Either way the rounding is bounded by those terms' magnitudes, not W's:
+    (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| + |zero - 8 scale|), every sum in fp32."""
+    out_features, in_features, group = module.out_features, module.in_features, module.group_size
+    x64 = quantized_activations(x) if len(x) >= native.INT4_TILED_MIN_ROWS else x.double()
+    codes = module.unpack_codes(0, out_features).double()
+    scales, zeros = (module.scales_and_zeros[..., i].double().t().repeat_interleave(group, dim=1) for i in (0, 1))
+    ref = x64 @ ((codes - 8) * scales + zeros).t()
+    magnitude = x64.abs() @ ((codes * scales).abs() + (zeros - 8 * scales).abs()).t()
+    return ref, 1.01 * (in_features + 2 * in_features // group + 4) * 2.0 ** -24 * magnitude
 
 
 @needs_native
-@pytest.mark.parametrize("rows", NATIVE_ROWS)
+@pytest.mark.parametrize("rows", NATIVE_ROWS + [10])
 @pytest.mark.parametrize("out_features, in_features, group", [(32, 64, 32), (96, 384, 128), (224, 512, 256),
                                                               (64, 4096, 128), (32, 12288, 128)])   # shorter chunks
 def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows):
-    """The AVX2 int4 products against x @ W.T in float64. The decode kernel sums code * x per group, then scales and
-    adds (zero - 8 scale) * sum(x); the tiled one decodes w = code * scale + (zero - 8 scale) in fp32 and sums w * x.
-    Either way the rounding is bounded by those terms' magnitudes, not W's:
-    (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| + |zero - 8 scale|), every sum in fp32."""
+    """The AVX2 int4 products against x @ W.T in float64 (x quantized to int8 per block of 32 from 2 rows on)."""
     g = torch.Generator().manual_seed(out_features + rows)
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int4", group,
                                    torch.bfloat16)
@@ -292,14 +304,39 @@ def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in
     y = native.int4_matmul(x, module.qweight, module.scales_and_zeros, out_features, group).double()
     assert torch.equal(module.fused(x), y.float())
     assert torch.equal(module(x), y.bfloat16())   # the layer's product is this one, prompt-sized rows included
-
-    x64 = x.double()
-    codes = module.unpack_codes(0, out_features).double()
-    scales, zeros = (module.scales_and_zeros[..., i].double().t().repeat_interleave(group, dim=1) for i in (0, 1))
-    ref = x64 @ ((codes - 8) * scales + zeros).t()
-    magnitude = x64.abs() @ ((codes * scales).abs() + (zeros - 8 * scales).abs()).t()
-    bound = 1.01 * (in_features + 2 * in_features // group + 4) * 2.0 ** -24 * magnitude
+    ref, bound = int4_reference(module, x)
     assert ((y - ref).abs() <= bound).all(), float(((y - ref).abs() - bound).max())
+
+
+@needs_native
+def test_native_int4_rows_are_the_same_alone_or_in_a_batch():
+    """Every row of the tiled int4 product goes through the same operations: a visitor's reply does not depend on
+    who else is decoding. (A row alone takes the decode kernel: bf16 activations, not int8.)"""
+    g = torch.Generator().manual_seed(7)
+    module = quant.quantize_linear(torch.randn(96, 512, generator=g) / 16, None, "int4", 128, torch.bfloat16)
+    x = torch.randn(11, 512, generator=g).bfloat16()
+    together = module.fused(x)
+    for i in range(len(x)):
+        for batch, at in ((x[[i, (i + 1) % 11]], 0), (x[[(i + 5) % 11, i, (i + 2) % 11]], 1),
+                          (x[torch.arange(i - 4, i + 2) % 11], 4)):
+            assert torch.equal(module.fused(batch)[at], together[i]), (i, len(batch))
+
+
+@needs_native
+@pytest.mark.parametrize("sign", [1, -1])
+def test_native_int4_extreme_codes_and_activations_do_not_saturate(sign):
+    """Codes of 15 against activations that all quantize to +-127: a block's 16-bit sums reach 16 x 15 x 127 =
+    30480, just inside int16, and the product is still exact up to fp32 rounding."""
+    out_features, in_features, group = 32, 256, 128
+    codes = torch.full((out_features, in_features), 15, dtype=torch.uint8)
+    scales_and_zeros = torch.stack([torch.full((in_features // group, out_features), 2.0 ** -4),
+                                    torch.full((in_features // group, out_features), 0.25)], -1).bfloat16()
+    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16)
+    x = torch.full((4, in_features), 0.5 * sign).bfloat16()
+    y = module.fused(x).double()
+    ref, bound = int4_reference(module, x)
+    assert ((y - ref).abs() <= bound).all()
+    torch.testing.assert_close(y, torch.full_like(y, sign * 0.5 * in_features * (15 / 16 + 0.25 - 8 / 16)))
 
 
 @needs_native

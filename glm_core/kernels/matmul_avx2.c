@@ -1,6 +1,7 @@
 /* Products for AVX2 CPUs, where torch's kernels are slower than memory (decode: a row or a few) or the CPU's
  * arithmetic (prompts: many rows) allows. Built by glm_core/native.py on first use; plain C + OpenMP (the process's
- * libgomp, so torch's thread count applies). Activations are bf16, sums fp32, outputs fp32. */
+ * libgomp, so torch's thread count applies). Activations are bf16, outputs fp32. bf16 and int8 weights multiply
+ * the activations widened exactly, sums in fp32; int4 weights multiply them quantized to int8 (the last section). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -42,57 +43,42 @@ static inline void int4_scale_offset(const uint32_t *pairs, int i, __m256 *scale
     *scale = i >= 2 ? _mm256_mul_ps(s, _mm256_set1_ps(1.f / 16)) : s;
 }
 
-/* One block of 32 output rows for ROWS (1 or 2) activation rows. The weight is torch's AVX2 int4 layout
+/* One block of 32 output rows for one activation row. The weight is torch's AVX2 int4 layout
  * (_convert_weight_to_int4pack_for_cpu): per block [k][16] bytes, the low nibble of byte j row j, the high nibble
  * row 16 + j. scales_zeros [k / group][n][2] bf16: w = (code - 8) * scale + zero = code * scale + (zero - 8 scale).
  * Codes are summed against x per group, then scaled. Bytes are widened to 32-bit lanes as they are loaded and the
  * high nibble is masked in place (16 * code, the sum scaled by 1/16 after): one shuffle per 8 bytes, the port
  * AVX2 CPUs have fewest of (the first version split nibbles before widening: 7 shuffles per 16 bytes, 1.4x slower). */
-#define INT4_BLOCK(ROWS)                                                                                        \
-    static void int4_block_##ROWS(const uint8_t *w, const uint32_t *sz, const float *xf, const float *gsum,   \
-                                  float *y, int n, int k, int group, int block) {                               \
-        const __m256i low4 = _mm256_set1_epi32(0x0F), high4 = _mm256_set1_epi32(0xF0);                        \
-        __m256 out[ROWS][4];                                                                                   \
-        for (int m = 0; m < ROWS; m++)                                                                         \
-            for (int i = 0; i < 4; i++) out[m][i] = _mm256_setzero_ps();                                       \
-        const uint8_t *codes = w + (size_t)block * k * 16;                                                     \
-        for (int g = 0; g < k / group; g++) {                                                                  \
-            __m256 acc[ROWS][4];  /* rows 0-7, 8-15, 16 * (rows 16-23), 16 * (rows 24-31) */                   \
-            for (int m = 0; m < ROWS; m++)                                                                     \
-                for (int i = 0; i < 4; i++) acc[m][i] = _mm256_setzero_ps();                                   \
-            for (int kk = g * group; kk < (g + 1) * group; kk++) {                                             \
-                const uint8_t *at = codes + (size_t)kk * 16;                                                   \
-                __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)at));                       \
-                __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(at + 8)));                 \
-                __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low4));                                    \
-                __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4));                                    \
-                __m256 w2 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, high4));                                   \
-                __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, high4));                                   \
-                for (int m = 0; m < ROWS; m++) {                                                               \
-                    __m256 xb = _mm256_broadcast_ss(xf + (size_t)m * k + kk);                                  \
-                    acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);                                            \
-                    acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);                                            \
-                    acc[m][2] = _mm256_fmadd_ps(w2, xb, acc[m][2]);                                            \
-                    acc[m][3] = _mm256_fmadd_ps(w3, xb, acc[m][3]);                                            \
-                }                                                                                              \
-            }                                                                                                  \
-            for (int i = 0; i < 4; i++) {                                                                      \
-                __m256 scale, offset;                                                                          \
-                int4_scale_offset(sz + (size_t)g * n + (size_t)block * 32, i, &scale, &offset);                \
-                for (int m = 0; m < ROWS; m++) {                                                               \
-                    __m256 xs = _mm256_set1_ps(gsum[m * (k / group) + g]);                                     \
-                    out[m][i] = _mm256_fmadd_ps(scale, acc[m][i], _mm256_fmadd_ps(offset, xs, out[m][i]));     \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int m = 0; m < ROWS; m++)                                                                         \
-            for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + (size_t)m * n + block * 32 + 8 * i, out[m][i]);   \
+static void int4_block(const uint8_t *w, const uint32_t *sz, const float *xf, const float *gsum, float *y, int n,
+                       int k, int group, int block) {
+    const __m256i low4 = _mm256_set1_epi32(0x0F), high4 = _mm256_set1_epi32(0xF0);
+    __m256 out[4];
+    for (int i = 0; i < 4; i++) out[i] = _mm256_setzero_ps();
+    const uint8_t *codes = w + (size_t)block * k * 16;
+    for (int g = 0; g < k / group; g++) {
+        __m256 acc[4];  /* rows 0-7, 8-15, 16 * (rows 16-23), 16 * (rows 24-31) */
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+        for (int kk = g * group; kk < (g + 1) * group; kk++) {
+            const uint8_t *at = codes + (size_t)kk * 16;
+            __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)at));
+            __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(at + 8)));
+            __m256 xb = _mm256_broadcast_ss(xf + kk);
+            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)), xb, acc[0]);
+            acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)), xb, acc[1]);
+            acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, high4)), xb, acc[2]);
+            acc[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, high4)), xb, acc[3]);
+        }
+        for (int i = 0; i < 4; i++) {
+            __m256 scale, offset;
+            int4_scale_offset(sz + (size_t)g * n + (size_t)block * 32, i, &scale, &offset);
+            out[i] = _mm256_fmadd_ps(scale, acc[i], _mm256_fmadd_ps(offset, _mm256_set1_ps(gsum[g]), out[i]));
+        }
     }
-INT4_BLOCK(1)
-INT4_BLOCK(2)
+    for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + block * 32 + 8 * i, out[i]);
+}
 
-/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T, W int4 as above; n a multiple of 32, k of group. 0, or -1 when out
- * of memory. */
+/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T, W int4 as above, a row at a time (decode: one row; several rows take
+ * int4_matmul_tiled); n a multiple of 32, k of group. 0, or -1 when out of memory. */
 int int4_matmul(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n, int k,
                 int group) {
     float *xf = malloc(sizeof(float) * ((size_t)rows * k + (size_t)rows * (k / group)));
@@ -100,15 +86,10 @@ int int4_matmul(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zero
     float *gsum = xf + (size_t)rows * k;
     widen(x, xf, gsum, rows, k, group);
     const uint32_t *sz = (const uint32_t *)scales_zeros;
-    for (int m = 0; m < rows; m += 2) {
-        int pair = rows - m >= 2;
+    for (int m = 0; m < rows; m++) {
 #pragma omp parallel for schedule(static)
-        for (int block = 0; block < n / 32; block++) {
-            if (pair)
-                int4_block_2(w, sz, xf + (size_t)m * k, gsum + m * (k / group), y + (size_t)m * n, n, k, group, block);
-            else
-                int4_block_1(w, sz, xf + (size_t)m * k, gsum + m * (k / group), y + (size_t)m * n, n, k, group, block);
-        }
+        for (int block = 0; block < n / 32; block++)
+            int4_block(w, sz, xf + (size_t)m * k, gsum + m * (k / group), y + (size_t)m * n, n, k, group, block);
     }
     free(xf);
     return 0;
@@ -199,35 +180,13 @@ int int8_matmul(const uint16_t *x, const int8_t *w, const uint16_t *scales, floa
 /* ... and fewer for long rows: the chunk's activations every block reads again stay within 6 MB, well inside a
  * 16 MB L3 (4096 x 13696 int4, 512 rows: 252-row chunks of 13.8 MB ran 428 ms, 126-row ones 338) */
 #define TILED_CHUNK_FLOATS (3 << 19)
+#define TILE_K 128   /* columns of k a tile holds: 32 x 128 fp32, 16 KB of L1 */
 struct tiled_weight {
-    int kind;               /* 0: int4 (torch's AVX2 layout, above), 1: int8 [n][k], 2: bf16 [n][k] */
+    int is_int8;            /* int8 [n][k], else bf16 [n][k] */
     const void *w;
-    const uint32_t *scales_zeros;  /* int4: bf16 (scale, zero) pairs [k / group][n] */
-    const float *scales;           /* int8: per output column, applied to the finished sums */
-    int n, k, group;               /* k: the weight's row length (int8: padded), the activations' too */
+    const float *scales;    /* int8: per output column, applied to the finished sums */
+    int n, k;               /* k: the weight's row length (int8: padded), the activations' too */
 };
-
-/* columns of k a tile holds: one int4 group, else 128 (32 x 128 fp32: 16 KB of L1) */
-static inline int tile_width(const struct tiled_weight *wt) { return wt->kind == 0 ? wt->group : 128; }
-
-/* int4: w = code * scale + offset, one rounding; k0..k0+kk within one group */
-static void decode_int4(const struct tiled_weight *wt, int block, int k0, int kk, float *tile) {
-    const __m256i low4 = _mm256_set1_epi32(0x0F), high4 = _mm256_set1_epi32(0xF0);
-    __m256 scale[4], offset[4];
-    for (int i = 0; i < 4; i++)
-        int4_scale_offset(wt->scales_zeros + (size_t)(k0 / wt->group) * wt->n + (size_t)block * 32, i, &scale[i],
-                          &offset[i]);
-    const uint8_t *codes = (const uint8_t *)wt->w + ((size_t)block * wt->k + k0) * 16;
-    for (int i = 0; i < kk; i++, codes += 16) {
-        __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
-        __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8)));
-        float *t = tile + i * 32;
-        _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)), scale[0], offset[0]));
-        _mm256_storeu_ps(t + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)), scale[1], offset[1]));
-        _mm256_storeu_ps(t + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, high4)), scale[2], offset[2]));
-        _mm256_storeu_ps(t + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, high4)), scale[3], offset[3]));
-    }
-}
 
 /* 8 x 8 transpose: r[j] holds 8 columns of weight row j, tile row i gets column i of the 8 rows */
 static inline void store_transposed(__m256 r[8], float *tile) {
@@ -260,7 +219,7 @@ static void decode_rows(const struct tiled_weight *wt, int block, int k0, int kk
             for (int j = 0; j < 8; j++) {
                 if (j >= valid) {
                     r[j] = _mm256_setzero_ps();
-                } else if (wt->kind == 1) {
+                } else if (wt->is_int8) {
                     const int8_t *at = (const int8_t *)wt->w + first + (size_t)j * wt->k + i;
                     r[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)at)));
                 } else {
@@ -321,14 +280,10 @@ static void tile_matmul(const float *tile, const float *x, float *acc, int rows,
 /* One block of 32 output columns for `rows` activation rows, packed */
 static void tiled_block(const struct tiled_weight *wt, const float *packed, float *y, int rows, int block, float *tile,
                         float *acc) {
-    int tile_k = tile_width(wt);
     memset(acc, 0, sizeof(float) * (size_t)rows * 32);
-    for (int k0 = 0; k0 < wt->k; k0 += tile_k) {
-        int kk = wt->k - k0 < tile_k ? wt->k - k0 : tile_k;
-        if (wt->kind == 0)
-            decode_int4(wt, block, k0, kk, tile);
-        else
-            decode_rows(wt, block, k0, kk, tile);
+    for (int k0 = 0; k0 < wt->k; k0 += TILE_K) {
+        int kk = wt->k - k0 < TILE_K ? wt->k - k0 : TILE_K;
+        decode_rows(wt, block, k0, kk, tile);
         tile_matmul(tile, packed, acc, rows, wt->k, k0, kk);
     }
     int cols = wt->n - block * 32 < 32 ? wt->n - block * 32 : 32;
@@ -339,15 +294,16 @@ static void tiled_block(const struct tiled_weight *wt, const float *packed, floa
     }
 }
 
-/* y [rows, n] = x @ W.T, x the rows packed by pack_rows; 0, or -1 when out of memory */
-static int tiled_matmul(const struct tiled_weight *wt, const float *packed, float *y, int rows) {
-    int failed = 0, blocks = (wt->n + 31) / 32, tile_k = tile_width(wt);
-    int chunk = TILED_CHUNK_FLOATS / wt->k / MICRO_ROWS * MICRO_ROWS;
-    chunk = chunk < MICRO_ROWS ? MICRO_ROWS : chunk > TILED_ROW_CHUNK ? TILED_ROW_CHUNK : chunk;
+/* Calls run(job, m, take, block, scratch) for every block of 32 output columns and chunk of up to `chunk` rows from
+ * m, the blocks shared out among the threads, each with its own scratch (scratch_bytes, 64-byte aligned); 0, or -1
+ * when out of memory */
+typedef void (*block_job)(const void *job, int m, int rows, int block, void *scratch);
+static int for_blocks(block_job run, const void *job, int rows, int blocks, int chunk, size_t scratch_bytes) {
+    int failed = 0;
 #pragma omp parallel
     {
-        float *tile = malloc(sizeof(float) * ((size_t)tile_k * 32 + (size_t)chunk * 32));
-        if (!tile) {
+        void *scratch = aligned_alloc(64, (scratch_bytes + 64) / 64 * 64);
+        if (!scratch) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -355,13 +311,29 @@ static int tiled_matmul(const struct tiled_weight *wt, const float *packed, floa
             int take = rows - m < chunk ? rows - m : chunk;
 #pragma omp for schedule(static)
             for (int block = 0; block < blocks; block++)
-                if (tile)
-                    tiled_block(wt, packed + (size_t)m * wt->k, y + (size_t)m * wt->n, take, block, tile,
-                                tile + (size_t)tile_k * 32);
+                if (scratch) run(job, m, take, block, scratch);
         }
-        free(tile);
+        free(scratch);
     }
     return failed ? -1 : 0;
+}
+
+/* rows a chunk takes: whole micro-kernel groups, at most `most`, and no more than `keep` bytes of activations */
+static int chunk_rows(size_t row_bytes, size_t keep, int group, int most) {
+    int chunk = (int)(keep / row_bytes) / group * group;
+    return chunk < group ? group : chunk > most ? most : chunk;
+}
+
+struct tiled_job {
+    const struct tiled_weight *wt;
+    const float *packed;
+    float *y;
+};
+
+static void tiled_job_block(const void *job, int m, int rows, int block, void *scratch) {
+    const struct tiled_job *j = job;
+    tiled_block(j->wt, j->packed + (size_t)m * j->wt->k, j->y + (size_t)m * j->wt->n, rows, block, scratch,
+                (float *)scratch + TILE_K * 32);
 }
 
 /* x [rows, k] bf16 -> fp32 in groups of MICRO_ROWS rows, each [k_padded][MICRO_ROWS] (a group's activations for
@@ -380,16 +352,11 @@ static float *pack_rows(const uint16_t *x, int rows, int k, int k_padded) {
 static int tiled_product(const struct tiled_weight *wt, const uint16_t *x, float *y, int rows, int k) {
     float *packed = pack_rows(x, rows, k, wt->k);
     if (!packed) return -1;
-    int rc = tiled_matmul(wt, packed, y, rows);
+    int chunk = chunk_rows(sizeof(float) * wt->k, sizeof(float) * TILED_CHUNK_FLOATS, MICRO_ROWS, TILED_ROW_CHUNK);
+    struct tiled_job job = {wt, packed, y};
+    int rc = for_blocks(tiled_job_block, &job, rows, (wt->n + 31) / 32, chunk, sizeof(float) * (TILE_K + chunk) * 32);
     free(packed);
     return rc;
-}
-
-/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T through tiles, W int4 as int4_matmul's; 0, or -1 when out of memory */
-int int4_matmul_tiled(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n,
-                      int k, int group) {
-    struct tiled_weight wt = {0, w, (const uint32_t *)scales_zeros, NULL, n, k, group};
-    return tiled_product(&wt, x, y, rows, k);
 }
 
 /* the same, W int8 as int8_matmul's (scaled after the sums): n any, ldw a multiple of 16 */
@@ -398,7 +365,7 @@ int int8_matmul_tiled(const uint16_t *x, const int8_t *w, const uint16_t *scales
     float *scale = malloc(sizeof(float) * n);
     if (!scale) return -1;
     for (int i = 0; i < n; i++) scale[i] = bf16_to_f32(scales[i]);
-    struct tiled_weight wt = {1, w, NULL, scale, n, ldw, 0};
+    struct tiled_weight wt = {1, w, scale, n, ldw};
     int rc = tiled_product(&wt, x, y, rows, k);
     free(scale);
     return rc;
@@ -406,6 +373,201 @@ int int8_matmul_tiled(const uint16_t *x, const int8_t *w, const uint16_t *scales
 
 /* the same, W bf16 as bf16_matmul's: n any, k a multiple of 8 */
 int bf16_matmul_tiled(const uint16_t *x, const uint16_t *w, float *y, int rows, int n, int k) {
-    struct tiled_weight wt = {2, w, NULL, NULL, n, k, 0};
+    struct tiled_weight wt = {0, w, NULL, n, k};
     return tiled_product(&wt, x, y, rows, k);
+}
+
+/* ---- Several rows of int4: against activations quantized to int8 ----
+ * Each activation row is quantized per block of 32 columns (scale max|x| / 127, rounded to nearest even: the
+ * arithmetic of llama.cpp's Q8_0), and codes (0..15) multiply it with vpmaddubsw, 32 byte products a cycle on a
+ * Zen 2: twice its FMA rate. A block's 16-bit sums (16 products of at most 15 x 127 each) fit without saturating,
+ * so they are widened once per block. A row goes through the same operations whatever the number of rows, so its
+ * product is bit for bit the same alone or in a batch of two or more. */
+#define Q8_ROWS 4   /* rows a micro-kernel takes: 8 16-bit accumulators, 2 weight vectors, a broadcast */
+struct int4_weight {
+    const uint8_t *w;                /* torch's AVX2 layout, as int4_matmul's */
+    const uint32_t *scales_zeros;    /* bf16 (scale, zero) pairs [k / group][n] */
+    int n, k, group;
+};
+
+/* Activations: a group of Q8_ROWS rows is [k / 4][Q8_ROWS][4] int8, its block scales [k / 32][Q8_ROWS], and the sums
+ * of its dequantized values per weight group [k / group][Q8_ROWS] (for the zero term) */
+struct q8_rows {
+    int8_t *q;
+    float *scales, *sums;
+    int k, group;
+};
+
+static inline const int8_t *q8_quads(const struct q8_rows *x, int m) {
+    return x->q + (size_t)(m / Q8_ROWS) * x->k * Q8_ROWS + (m % Q8_ROWS) * 4;
+}
+static inline const float *q8_scales(const struct q8_rows *x, int m) {
+    return x->scales + (size_t)(m / Q8_ROWS) * (x->k / 32) * Q8_ROWS + m % Q8_ROWS;
+}
+static inline const float *q8_sums(const struct q8_rows *x, int m) {
+    return x->sums + (size_t)(m / Q8_ROWS) * (x->k / x->group) * Q8_ROWS + m % Q8_ROWS;
+}
+
+/* x [rows, k] bf16 quantized and packed as above (rows past the input's zero); -1 when out of memory */
+static int quantize_rows(const uint16_t *x, int rows, int k, int group, struct q8_rows *out) {
+    size_t groups = (size_t)(rows + Q8_ROWS - 1) / Q8_ROWS;
+    out->k = k, out->group = group;
+    out->q = calloc(groups * k * Q8_ROWS, 1);
+    out->scales = calloc(groups * Q8_ROWS * ((size_t)k / 32 + k / group), sizeof(float));
+    if (!out->q || !out->scales) {
+        free(out->q), free(out->scales);
+        return -1;
+    }
+    out->sums = out->scales + groups * Q8_ROWS * (k / 32);
+#pragma omp parallel for schedule(static)   /* rows write apart: the embedded model's products are short */
+    for (int m = 0; m < rows; m++) {
+        int8_t *q = (int8_t *)q8_quads(out, m);
+        float *scales = (float *)q8_scales(out, m), *sums = (float *)q8_sums(out, m);
+        for (int b = 0; b < k / 32; b++) {
+            const __m256i *at = (const __m256i *)(x + (size_t)m * k + b * 32);
+            __m256 v[4], top = _mm256_setzero_ps();
+            for (int j = 0; j < 2; j++) {
+                __m256i h = _mm256_loadu_si256(at + j);
+                v[2 * j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+                v[2 * j + 1] =
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
+            }
+            for (int j = 0; j < 4; j++) top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[j]));
+            float lanes[8], amax = 0.f;
+            _mm256_storeu_ps(lanes, top);
+            for (int j = 0; j < 8; j++) amax = lanes[j] > amax ? lanes[j] : amax;
+            float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+            int32_t codes[32], sum = 0;
+            for (int j = 0; j < 4; j++)   /* rounds to nearest even, the default mode */
+                _mm256_storeu_si256((__m256i *)(codes + 8 * j),
+                                    _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv))));
+            for (int i = 0; i < 32; i++) {
+                q[(size_t)(b * 8 + i / 4) * Q8_ROWS * 4 + i % 4] = (int8_t)codes[i];
+                sum += codes[i];
+            }
+            scales[b * Q8_ROWS] = scale;
+            sums[(b * 32 / group) * Q8_ROWS] += scale * (float)sum;
+        }
+    }
+    return 0;
+}
+
+/* One group of a block's codes as a tile [group / 4][32 columns][4] (4 consecutive columns of k per output
+ * column: the operand vpmaddubsw wants against a broadcast quad of activations), by byte interleaves of torch's
+ * layout; and the group's scale and offset per column (w = code * scale + offset) */
+static void decode_int4_quads(const struct int4_weight *wt, int block, int k0, uint8_t *tile, float *scale,
+                              float *offset) {
+    const uint32_t *pairs = wt->scales_zeros + (size_t)(k0 / wt->group) * wt->n + (size_t)block * 32;
+    for (int c = 0; c < 32; c++) {
+        scale[c] = bf16_to_f32((uint16_t)pairs[c]);
+        offset[c] = bf16_to_f32((uint16_t)(pairs[c] >> 16)) - 8.f * scale[c];
+    }
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const uint8_t *codes = wt->w + ((size_t)block * wt->k + k0) * 16;
+    for (int i = 0; i < wt->group / 4; i++, codes += 64, tile += 128) {
+        __m128i r0 = _mm_loadu_si128((const __m128i *)codes), r1 = _mm_loadu_si128((const __m128i *)(codes + 16));
+        __m128i r2 = _mm_loadu_si128((const __m128i *)(codes + 32)), r3 = _mm_loadu_si128((const __m128i *)(codes + 48));
+        __m128i a = _mm_unpacklo_epi8(r0, r1), a2 = _mm_unpackhi_epi8(r0, r1);
+        __m128i b = _mm_unpacklo_epi8(r2, r3), b2 = _mm_unpackhi_epi8(r2, r3);
+        __m128i c[4] = {_mm_unpacklo_epi16(a, b), _mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a2, b2),
+                        _mm_unpackhi_epi16(a2, b2)};   /* the bytes of columns 4j..4j+3 and of 16 + those */
+        for (int j = 0; j < 4; j++) {
+            _mm_storeu_si128((__m128i *)(tile + 16 * j), _mm_and_si128(c[j], low4));
+            _mm_storeu_si128((__m128i *)(tile + 64 + 16 * j), _mm_and_si128(_mm_srli_epi16(c[j], 4), low4));
+        }
+    }
+}
+
+/* ROWS rows of acc [rows][32] += x @ tile for one weight group (columns k0..k0 + group of k), 16 columns at a time:
+ * per block of 32 columns of k the 16-bit sums are widened, converted and added times (the row's block scale x
+ * the column's scale) with one FMA; the group then adds offset x the row's sum */
+#define INT4_TILE_ROWS(ROWS)                                                                                    \
+    static void int4_tile_rows_##ROWS(const uint8_t *tile, const float *scale, const float *offset,           \
+                                      const struct q8_rows *x, int m, float *acc, int k0) {                    \
+        const __m256i ones = _mm256_set1_epi16(1);                                                             \
+        const int8_t *quads = q8_quads(x, m);                                                                  \
+        const float *xscales = q8_scales(x, m), *xsums = q8_sums(x, m);                                        \
+        for (int half = 0; half < 2; half++) {                                                                 \
+            __m256 ws[2] = {_mm256_loadu_ps(scale + half * 16), _mm256_loadu_ps(scale + half * 16 + 8)};      \
+            for (int b = 0; b < x->group / 32; b++) {                                                          \
+                __m256i s[ROWS][2];                                                                            \
+                for (int r = 0; r < ROWS; r++) s[r][0] = s[r][1] = _mm256_setzero_si256();                     \
+                for (int i = 0; i < 8; i++) {                                                                  \
+                    const uint8_t *t = tile + (size_t)(b * 8 + i) * 128 + half * 64;                           \
+                    __m256i w0 = _mm256_loadu_si256((const __m256i *)t);                                       \
+                    __m256i w1 = _mm256_loadu_si256((const __m256i *)(t + 32));                                \
+                    const int8_t *xq = quads + (size_t)(k0 / 4 + b * 8 + i) * Q8_ROWS * 4;                     \
+                    for (int r = 0; r < ROWS; r++) {                                                           \
+                        int32_t four;                                                                          \
+                        memcpy(&four, xq + r * 4, 4);                                                          \
+                        __m256i a = _mm256_set1_epi32(four);                                                   \
+                        s[r][0] = _mm256_add_epi16(s[r][0], _mm256_maddubs_epi16(w0, a));                      \
+                        s[r][1] = _mm256_add_epi16(s[r][1], _mm256_maddubs_epi16(w1, a));                      \
+                        __asm__("" : "+x"(s[r][0]), "+x"(s[r][1]));   /* a row at a time: nothing spilled */  \
+                    }                                                                                          \
+                }                                                                                              \
+                for (int r = 0; r < ROWS; r++) {                                                               \
+                    __m256 xs = _mm256_set1_ps(xscales[(k0 / 32 + b) * Q8_ROWS + r]);                          \
+                    for (int j = 0; j < 2; j++) {                                                              \
+                        float *out = acc + r * 32 + half * 16 + 8 * j;                                         \
+                        __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][j], ones));                    \
+                        _mm256_storeu_ps(out, _mm256_fmadd_ps(sums, _mm256_mul_ps(xs, ws[j]), _mm256_loadu_ps(out))); \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int r = 0; r < ROWS; r++) {                                                                   \
+                __m256 xsum = _mm256_set1_ps(xsums[(k0 / x->group) * Q8_ROWS + r]);                            \
+                for (int j = 0; j < 2; j++) {                                                                  \
+                    float *out = acc + r * 32 + half * 16 + 8 * j;                                             \
+                    _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_loadu_ps(offset + half * 16 + 8 * j), xsum,   \
+                                                          _mm256_loadu_ps(out)));                               \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+INT4_TILE_ROWS(1)
+INT4_TILE_ROWS(2)
+INT4_TILE_ROWS(3)
+INT4_TILE_ROWS(4)
+
+struct int4_job {
+    const struct int4_weight *wt;
+    const struct q8_rows *x;
+    float *y;
+};
+
+/* One block of 32 output columns for rows m..m + rows; scratch: a tile (group x 32 bytes), then the sums [rows][32] */
+static void int4_tiled_block(const void *job, int m, int rows, int block, void *scratch) {
+    static void (*const by_rows[])(const uint8_t *, const float *, const float *, const struct q8_rows *, int,
+                                   float *, int) = {int4_tile_rows_1, int4_tile_rows_2, int4_tile_rows_3,
+                                                    int4_tile_rows_4};
+    const struct int4_job *j = job;
+    const struct int4_weight *wt = j->wt;
+    uint8_t *tile = scratch;
+    float *acc = (float *)(tile + (size_t)wt->group * 32), scale[32], offset[32];
+    memset(acc, 0, sizeof(float) * (size_t)rows * 32);
+    for (int k0 = 0; k0 < wt->k; k0 += wt->group) {
+        decode_int4_quads(wt, block, k0, tile, scale, offset);
+        for (int r = 0; r < rows; r += Q8_ROWS) {
+            int take = rows - r < Q8_ROWS ? rows - r : Q8_ROWS;
+            by_rows[take - 1](tile, scale, offset, j->x, m + r, acc + (size_t)r * 32, k0);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        memcpy(j->y + (size_t)(m + r) * wt->n + block * 32, acc + (size_t)r * 32, sizeof(float) * 32);
+}
+
+/* y [rows, n] fp32 = x [rows, k] bf16, quantized as above, @ W.T, W int4 as int4_matmul's; 0, or -1 when out of
+ * memory */
+int int4_matmul_tiled(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n,
+                      int k, int group) {
+    struct int4_weight wt = {w, (const uint32_t *)scales_zeros, n, k, group};
+    struct q8_rows xq;
+    if (quantize_rows(x, rows, k, group, &xq)) return -1;
+    struct int4_job job = {&wt, &xq, y};
+    /* a byte per activation: 4x the rows of fp32 ones in the same bytes */
+    int chunk = chunk_rows(k, sizeof(float) * TILED_CHUNK_FLOATS, Q8_ROWS, TILED_ROW_CHUNK);
+    int rc = for_blocks(int4_tiled_block, &job, rows, n / 32, chunk, (size_t)group * 32 + sizeof(float) * chunk * 32);
+    free(xq.q), free(xq.scales);
+    return rc;
 }
