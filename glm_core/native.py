@@ -2,10 +2,11 @@
 arithmetic unused. Decode (a row or a few): on a 2-core AVX2 Zen 2, one row against a 27392 x 4096 weight, bf16 ran
 6.7 ms (33 GB/s) against torch's 16.9 ms (13 GB/s), int4 in torch's packed layout 3.5-4.4 ms against 7.7. More rows
 (prefill, batched decode): each block of 32 output columns is decoded a tile at a time that stays in L1 while every
-row multiplies it. bf16 and int8 tiles are fp32: 512 rows against the same weight, bf16 0.66 s against 0.86 for
-upcasting into a fp32 GEMM (oneDNN). int4 tiles stay codes and multiply activations quantized to int8 per block of
-32 (llama.cpp's Q8_0 arithmetic) with vpmaddubsw, twice the FMA rate: 512 rows 0.44 s against 0.63 through fp32
-tiles and 0.89 through the GEMM; 8 rows 11 ms against 18. BENCHMARKS.md has the figures.
+row multiplies it, in fp32: 512 rows against the same weight, int4 0.63 s against 0.89 for dequantizing into a fp32
+GEMM (oneDNN), bf16 0.66 against 0.86. Where the int4 layer asks for it (int8_activations: the layers GLM Studio
+quantizes itself), int4 tiles stay codes and multiply the activations quantized to int8 per block of 32 (llama.cpp's
+Q8_0 arithmetic) with vpmaddubsw, twice the FMA rate: 512 rows 0.43 s, 8 rows 10 ms against 18. BENCHMARKS.md has
+the figures.
 
 The C file is compiled on first use with the system's C compiler into the cache (keyed by the source's hash) and
 loaded with ctypes; it uses OpenMP from the process's libgomp, which is torch's, so torch's thread count (and
@@ -13,8 +14,9 @@ threads.ThreadPolicy) applies to it. Without a compiler, or with GLM_STUDIO_NATI
 as on CPUs with AVX-512 (torch's kernels there are not the bottleneck; the int4 layout differs too).
 
 Arithmetic: bf16 activations widened exactly to fp32, fp32 products and sums, fp32 outputs (torch's bf16 kernels
-round theirs to bf16); int4 from 2 rows: activations quantized to int8 (tests/quant_sweep.py's quantized_activations is the reference),
-exact integer sums per block of 32, then fp32. Each row's int4 product is the same alone or in a batch of 2+."""
+round theirs to bf16). int4 with int8 activations, from 2 rows: quantized as tests/quant_sweep.py's
+quantized_activations does, exact integer sums per block of 32, then fp32; a row's product is the same alone or in a
+batch of 2 or more."""
 from __future__ import annotations
 
 import ctypes
@@ -39,8 +41,10 @@ SOURCE = Path(__file__).parent / "kernels" / "matmul_avx2.c"
 # loops aligned to 64 bytes: the int4 decode kernel ran 5-10 % slower or faster as unrelated code moved it
 FLAGS = ["-O3", "-mavx2", "-mfma", "-falign-loops=64", "-fopenmp", "-shared", "-fPIC"]
 # Row counts where each kernel takes over, measured on a 2-core Zen 2 against a 27392 x 4096 weight (ms):
-# int4: decode kernel 1 row 3.7-4.1, 2 rows 5.0-5.6; tiled (int8 activations) 4.2-4.3 and 4.9
-INT4_TILED_MIN_ROWS = 2
+# int4: decode kernel 4 rows 8.9, 5 rows 14.2; tiled 11.1 and 11.3
+INT4_TILED_MIN_ROWS = 5
+# int4 with int8 activations: 1 row 4.2-4.3 against the decode kernel's 3.5-4.1, 2 rows 5.0 against 5.7
+INT4_INT8_ACTIVATIONS_MIN_ROWS = 2
 # int8: 1 row 5.2 against torch's 6.5 (2 rows: 8.2 against 7.5, torch's stays); tiled 8 rows 25.3 against torch's
 # 21.7, 10 rows 25.7 against 32.4 (torch's steps up past 8), 128 rows 162 against 269 for the dequantized GEMM
 INT8_MAX_ROWS = 1
@@ -103,6 +107,7 @@ def library() -> ctypes.CDLL | None:
     lib.bf16_matmul.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 3
     lib.int8_matmul.argtypes = [pointer, pointer, pointer, pointer] + [ctypes.c_int] * 4
     lib.int4_matmul_tiled.argtypes = lib.int4_matmul.argtypes
+    lib.int4_matmul_int8_activations.argtypes = lib.int4_matmul.argtypes
     lib.bf16_matmul_tiled.argtypes = lib.bf16_matmul.argtypes
     lib.int8_matmul_tiled.argtypes = lib.int8_matmul.argtypes
     return lib
@@ -114,14 +119,18 @@ def _checked(rc: int, out: Tensor) -> Tensor:
     return out
 
 
-def int4_matmul(x: Tensor, qweight: Tensor, scales_and_zeros: Tensor, out_features: int, group_size: int) -> Tensor:
+def int4_matmul(x: Tensor, qweight: Tensor, scales_and_zeros: Tensor, out_features: int, group_size: int,
+                int8_activations: bool = False) -> Tensor:
     """x [rows, in] bf16 @ W.T -> fp32 [rows, out], W in torch's AVX2 int4 layout (blocks of 32 rows, half split)
-    with bf16 scales and zeros [in / group_size, out, 2]; out_features a multiple of 32. From INT4_TILED_MIN_ROWS
-    rows the activations are quantized to int8 first (see the module's docstring)."""
+    with bf16 scales and zeros [in / group_size, out, 2]; out_features a multiple of 32. With int8_activations, from
+    INT4_INT8_ACTIVATIONS_MIN_ROWS rows x is quantized to int8 first (see the module's docstring)."""
     rows, in_features = x.shape
     x, scales_and_zeros = x.contiguous(), scales_and_zeros.contiguous()
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    product = library().int4_matmul if rows < INT4_TILED_MIN_ROWS else library().int4_matmul_tiled
+    if int8_activations and rows >= INT4_INT8_ACTIVATIONS_MIN_ROWS:
+        product = library().int4_matmul_int8_activations
+    else:
+        product = library().int4_matmul if rows < INT4_TILED_MIN_ROWS else library().int4_matmul_tiled
     return _checked(product(x.data_ptr(), qweight.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), rows,
                             out_features, in_features, group_size), out)
 

@@ -27,8 +27,9 @@ def error_bound(x: torch.Tensor, w: torch.Tensor, rounding: torch.dtype) -> torc
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """What native's tiled int4 product multiplies instead of x [rows, in] (in a multiple of 32), in float64: each
-    block of 32 columns quantized to int8 with scale max|x| / 127, in fp32 arithmetic rounded to nearest even."""
+    """What native's int4 product of int8 activations multiplies instead of x [rows, in] (in a multiple of 32), in
+    float64: each block of 32 columns quantized to int8 with scale max|x| / 127, in fp32 arithmetic rounded to
+    nearest even."""
     blocks = x.float().unflatten(-1, (-1, 32))
     top = blocks.abs().amax(-1, keepdim=True)
     inverse = torch.where(top > 0, torch.full_like(top, 127) / top, 0)   # 127 / top is 127 * (1 / top) in torch
@@ -36,9 +37,10 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def takes_quantized_activations(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether module(x) runs native's tiled int4 product, which multiplies quantized_activations(x)."""
-    return (isinstance(module, quant.Int4Linear) and module.activation_dtype == torch.bfloat16
-            and x.shape[0] >= native.INT4_TILED_MIN_ROWS and module.native_takes(x.to(torch.bfloat16)))
+    """Whether module(x) runs native's int4 product of int8 activations, which multiplies quantized_activations(x)."""
+    return (isinstance(module, quant.Int4Linear) and module.int8_activations
+            and module.activation_dtype == torch.bfloat16 and x.shape[0] >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
+            and module.native_takes(x.to(torch.bfloat16)))
 
 
 def layer(case: dict, generator: torch.Generator) -> torch.nn.Module:

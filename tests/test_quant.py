@@ -53,6 +53,7 @@ def test_official_int8_layer0_is_the_official_cpu_arithmetic():
 def test_official_int4_layer0_dequantizes_bit_for_bit():
     module, deq, bias, golden = official_qkv(4)
     assert isinstance(module, quant.Int4Linear) and module.group_size == 128
+    assert not module.int8_activations   # the official arithmetic's inputs (see test_engine_glm's fast-path gate)
     assert torch.equal(module.dequantize(), deq)
     assert module.dequantize()[0, :16].tolist() == golden["first_row_first_16_dequant"]
     x = torch.randn(7, 128, generator=torch.Generator().manual_seed(0))
@@ -271,17 +272,19 @@ needs_native = pytest.mark.skipif(
 
 # decode kernels, the tiled products (remainders of their 6-row micro-kernels, int4's 4-row ones), more rows than the
 # tiled products take at a time (TILED_ROW_CHUNK = 252 in the C file)
-NATIVE_ROWS = [1, 2, 3, 5, native.INT8_TILED_MIN_ROWS + 1, native.BF16_TILED_MIN_ROWS + 1, 300]
+NATIVE_ROWS = [1, 2, 3, native.INT4_TILED_MIN_ROWS, native.INT8_TILED_MIN_ROWS + 1, native.BF16_TILED_MIN_ROWS + 1, 300]
 
 
 def int4_reference(module: quant.Int4Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x @ W.T in float64, x quantized as the tiled product quantizes it from INT4_TILED_MIN_ROWS rows, and the
-    bound on the fp32 rounding. The decode kernel sums code * x per group, then scales and adds
-    (zero - 8 scale) * sum(x); the tiled one adds each block's exact integer sum times (activation scale x weight
-    scale), then (zero - 8 scale) * sum(x). Either way the rounding is bounded by those terms' magnitudes, not W's:
-    (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| + |zero - 8 scale|), every sum in fp32."""
+    """x @ W.T in float64 (x quantized to int8 per block of 32 where the layer's product does that), and the bound on
+    the fp32 rounding. The decode kernel sums code * x per group, then scales and adds (zero - 8 scale) * sum(x); the
+    fp32 tiles hold w = code * scale + (zero - 8 scale) and sum w * x; with int8 activations each block's exact integer
+    sum is added times (activation scale x weight scale), then (zero - 8 scale) * sum(x). Each way the rounding is
+    bounded by those terms' magnitudes, not W's: (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| +
+    |zero - 8 scale|), every sum in fp32."""
     out_features, in_features, group = module.out_features, module.in_features, module.group_size
-    x64 = quantized_activations(x) if len(x) >= native.INT4_TILED_MIN_ROWS else x.double()
+    quantized = module.int8_activations and len(x) >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
+    x64 = quantized_activations(x) if quantized else x.double()
     codes = module.unpack_codes(0, out_features).double()
     scales, zeros = (module.scales_and_zeros[..., i].double().t().repeat_interleave(group, dim=1) for i in (0, 1))
     ref = x64 @ ((codes - 8) * scales + zeros).t()
@@ -290,18 +293,22 @@ def int4_reference(module: quant.Int4Linear, x: torch.Tensor) -> tuple[torch.Ten
 
 
 @needs_native
+@pytest.mark.parametrize("int8_activations", [False, True])
 @pytest.mark.parametrize("rows", NATIVE_ROWS + [10])
 @pytest.mark.parametrize("out_features, in_features, group", [(32, 64, 32), (96, 384, 128), (224, 512, 256),
                                                               (64, 4096, 128), (32, 12288, 128)])   # shorter chunks
-def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows):
-    """The AVX2 int4 products against x @ W.T in float64 (x quantized to int8 per block of 32 from 2 rows on)."""
+def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows,
+                                                                 int8_activations):
+    """The AVX2 int4 products against x @ W.T in float64: the decode kernel, the fp32 tiles (official checkpoints'
+    layers) and the product of int8 activations (quantize_linear's layers, from 2 rows)."""
     g = torch.Generator().manual_seed(out_features + rows)
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int4", group,
                                    torch.bfloat16)
-    assert module.group_size == group
+    assert module.group_size == group and module.int8_activations
+    module.int8_activations = int8_activations
     x = torch.randn(rows, in_features, generator=g).bfloat16()
     assert native.takes_int4(x, module)
-    y = native.int4_matmul(x, module.qweight, module.scales_and_zeros, out_features, group).double()
+    y = native.int4_matmul(x, module.qweight, module.scales_and_zeros, out_features, group, int8_activations).double()
     assert torch.equal(module.fused(x), y.float())
     assert torch.equal(module(x), y.bfloat16())   # the layer's product is this one, prompt-sized rows included
     ref, bound = int4_reference(module, x)
@@ -310,8 +317,8 @@ def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in
 
 @needs_native
 def test_native_int4_rows_are_the_same_alone_or_in_a_batch():
-    """Every row of the tiled int4 product goes through the same operations: a visitor's reply does not depend on
-    who else is decoding. (A row alone takes the decode kernel: bf16 activations, not int8.)"""
+    """Every row of the int4 product of int8 activations goes through the same operations: a visitor's reply does not
+    depend on who else is decoding. (A row alone takes the decode kernel: bf16 activations, not int8.)"""
     g = torch.Generator().manual_seed(7)
     module = quant.quantize_linear(torch.randn(96, 512, generator=g) / 16, None, "int4", 128, torch.bfloat16)
     x = torch.randn(11, 512, generator=g).bfloat16()
@@ -331,7 +338,7 @@ def test_native_int4_extreme_codes_and_activations_do_not_saturate(sign):
     codes = torch.full((out_features, in_features), 15, dtype=torch.uint8)
     scales_and_zeros = torch.stack([torch.full((in_features // group, out_features), 2.0 ** -4),
                                     torch.full((in_features // group, out_features), 0.25)], -1).bfloat16()
-    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16)
+    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16, int8_activations=True)
     x = torch.full((4, in_features), 0.5 * sign).bfloat16()
     y = module.fused(x).double()
     ref, bound = int4_reference(module, x)

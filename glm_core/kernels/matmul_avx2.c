@@ -43,42 +43,57 @@ static inline void int4_scale_offset(const uint32_t *pairs, int i, __m256 *scale
     *scale = i >= 2 ? _mm256_mul_ps(s, _mm256_set1_ps(1.f / 16)) : s;
 }
 
-/* One block of 32 output rows for one activation row. The weight is torch's AVX2 int4 layout
+/* One block of 32 output rows for ROWS (1 or 2) activation rows. The weight is torch's AVX2 int4 layout
  * (_convert_weight_to_int4pack_for_cpu): per block [k][16] bytes, the low nibble of byte j row j, the high nibble
  * row 16 + j. scales_zeros [k / group][n][2] bf16: w = (code - 8) * scale + zero = code * scale + (zero - 8 scale).
  * Codes are summed against x per group, then scaled. Bytes are widened to 32-bit lanes as they are loaded and the
  * high nibble is masked in place (16 * code, the sum scaled by 1/16 after): one shuffle per 8 bytes, the port
  * AVX2 CPUs have fewest of (the first version split nibbles before widening: 7 shuffles per 16 bytes, 1.4x slower). */
-static void int4_block(const uint8_t *w, const uint32_t *sz, const float *xf, const float *gsum, float *y, int n,
-                       int k, int group, int block) {
-    const __m256i low4 = _mm256_set1_epi32(0x0F), high4 = _mm256_set1_epi32(0xF0);
-    __m256 out[4];
-    for (int i = 0; i < 4; i++) out[i] = _mm256_setzero_ps();
-    const uint8_t *codes = w + (size_t)block * k * 16;
-    for (int g = 0; g < k / group; g++) {
-        __m256 acc[4];  /* rows 0-7, 8-15, 16 * (rows 16-23), 16 * (rows 24-31) */
-        for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
-        for (int kk = g * group; kk < (g + 1) * group; kk++) {
-            const uint8_t *at = codes + (size_t)kk * 16;
-            __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)at));
-            __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(at + 8)));
-            __m256 xb = _mm256_broadcast_ss(xf + kk);
-            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)), xb, acc[0]);
-            acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)), xb, acc[1]);
-            acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, high4)), xb, acc[2]);
-            acc[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, high4)), xb, acc[3]);
-        }
-        for (int i = 0; i < 4; i++) {
-            __m256 scale, offset;
-            int4_scale_offset(sz + (size_t)g * n + (size_t)block * 32, i, &scale, &offset);
-            out[i] = _mm256_fmadd_ps(scale, acc[i], _mm256_fmadd_ps(offset, _mm256_set1_ps(gsum[g]), out[i]));
-        }
+#define INT4_BLOCK(ROWS)                                                                                        \
+    static void int4_block_##ROWS(const uint8_t *w, const uint32_t *sz, const float *xf, const float *gsum,   \
+                                  float *y, int n, int k, int group, int block) {                               \
+        const __m256i low4 = _mm256_set1_epi32(0x0F), high4 = _mm256_set1_epi32(0xF0);                        \
+        __m256 out[ROWS][4];                                                                                   \
+        for (int m = 0; m < ROWS; m++)                                                                         \
+            for (int i = 0; i < 4; i++) out[m][i] = _mm256_setzero_ps();                                       \
+        const uint8_t *codes = w + (size_t)block * k * 16;                                                     \
+        for (int g = 0; g < k / group; g++) {                                                                  \
+            __m256 acc[ROWS][4];  /* rows 0-7, 8-15, 16 * (rows 16-23), 16 * (rows 24-31) */                   \
+            for (int m = 0; m < ROWS; m++)                                                                     \
+                for (int i = 0; i < 4; i++) acc[m][i] = _mm256_setzero_ps();                                   \
+            for (int kk = g * group; kk < (g + 1) * group; kk++) {                                             \
+                const uint8_t *at = codes + (size_t)kk * 16;                                                   \
+                __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)at));                       \
+                __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(at + 8)));                 \
+                __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low4));                                    \
+                __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4));                                    \
+                __m256 w2 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, high4));                                   \
+                __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, high4));                                   \
+                for (int m = 0; m < ROWS; m++) {                                                               \
+                    __m256 xb = _mm256_broadcast_ss(xf + (size_t)m * k + kk);                                  \
+                    acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);                                            \
+                    acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);                                            \
+                    acc[m][2] = _mm256_fmadd_ps(w2, xb, acc[m][2]);                                            \
+                    acc[m][3] = _mm256_fmadd_ps(w3, xb, acc[m][3]);                                            \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int i = 0; i < 4; i++) {                                                                      \
+                __m256 scale, offset;                                                                          \
+                int4_scale_offset(sz + (size_t)g * n + (size_t)block * 32, i, &scale, &offset);                \
+                for (int m = 0; m < ROWS; m++) {                                                               \
+                    __m256 xs = _mm256_set1_ps(gsum[m * (k / group) + g]);                                     \
+                    out[m][i] = _mm256_fmadd_ps(scale, acc[m][i], _mm256_fmadd_ps(offset, xs, out[m][i]));     \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int m = 0; m < ROWS; m++)                                                                         \
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + (size_t)m * n + block * 32 + 8 * i, out[m][i]);   \
     }
-    for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + block * 32 + 8 * i, out[i]);
-}
+INT4_BLOCK(1)
+INT4_BLOCK(2)
 
-/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T, W int4 as above, a row at a time (decode: one row; several rows take
- * int4_matmul_tiled); n a multiple of 32, k of group. 0, or -1 when out of memory. */
+/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T, W int4 as above; n a multiple of 32, k of group. 0, or -1 when out
+ * of memory. */
 int int4_matmul(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n, int k,
                 int group) {
     float *xf = malloc(sizeof(float) * ((size_t)rows * k + (size_t)rows * (k / group)));
@@ -86,10 +101,15 @@ int int4_matmul(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zero
     float *gsum = xf + (size_t)rows * k;
     widen(x, xf, gsum, rows, k, group);
     const uint32_t *sz = (const uint32_t *)scales_zeros;
-    for (int m = 0; m < rows; m++) {
+    for (int m = 0; m < rows; m += 2) {
+        int pair = rows - m >= 2;
 #pragma omp parallel for schedule(static)
-        for (int block = 0; block < n / 32; block++)
-            int4_block(w, sz, xf + (size_t)m * k, gsum + m * (k / group), y + (size_t)m * n, n, k, group, block);
+        for (int block = 0; block < n / 32; block++) {
+            if (pair)
+                int4_block_2(w, sz, xf + (size_t)m * k, gsum + m * (k / group), y + (size_t)m * n, n, k, group, block);
+            else
+                int4_block_1(w, sz, xf + (size_t)m * k, gsum + m * (k / group), y + (size_t)m * n, n, k, group, block);
+        }
     }
     free(xf);
     return 0;
@@ -180,13 +200,36 @@ int int8_matmul(const uint16_t *x, const int8_t *w, const uint16_t *scales, floa
 /* ... and fewer for long rows: the chunk's activations every block reads again stay within 6 MB, well inside a
  * 16 MB L3 (4096 x 13696 int4, 512 rows: 252-row chunks of 13.8 MB ran 428 ms, 126-row ones 338) */
 #define TILED_CHUNK_FLOATS (3 << 19)
-#define TILE_K 128   /* columns of k a tile holds: 32 x 128 fp32, 16 KB of L1 */
 struct tiled_weight {
-    int is_int8;            /* int8 [n][k], else bf16 [n][k] */
+    int kind;               /* 0: int4 (torch's AVX2 layout, above), 1: int8 [n][k], 2: bf16 [n][k] */
     const void *w;
-    const float *scales;    /* int8: per output column, applied to the finished sums */
-    int n, k;               /* k: the weight's row length (int8: padded), the activations' too */
+    const uint32_t *scales_zeros;  /* int4: bf16 (scale, zero) pairs [k / group][n] */
+    const float *scales;           /* int8: per output column, applied to the finished sums */
+    int n, k, group;               /* k: the weight's row length (int8: padded), the activations' too */
 };
+
+/* columns of k a tile holds: one int4 group, else 128 (32 x 128 fp32: 16 KB of L1) */
+static inline int tile_width(const struct tiled_weight *wt) { return wt->kind == 0 ? wt->group : 128; }
+
+/* int4: w = code * scale + offset, one rounding; k0..k0+kk within one group */
+static void decode_int4(const struct tiled_weight *wt, int block, int k0, int kk, float *tile) {
+    const __m256i low4 = _mm256_set1_epi32(0x0F), high4 = _mm256_set1_epi32(0xF0);
+    __m256 scale[4], offset[4];
+    for (int i = 0; i < 4; i++)
+        int4_scale_offset(wt->scales_zeros + (size_t)(k0 / wt->group) * wt->n + (size_t)block * 32, i, &scale[i],
+                          &offset[i]);
+    const uint8_t *codes = (const uint8_t *)wt->w + ((size_t)block * wt->k + k0) * 16;
+    for (int i = 0; i < kk; i++, codes += 16) {
+        __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
+        __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8)));
+        float *t = tile + i * 32;
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)), scale[0], offset[0]));
+        _mm256_storeu_ps(t + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)), scale[1], offset[1]));
+        _mm256_storeu_ps(t + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, high4)), scale[2], offset[2]));
+        _mm256_storeu_ps(t + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, high4)), scale[3], offset[3]));
+    }
+}
+
 
 /* 8 x 8 transpose: r[j] holds 8 columns of weight row j, tile row i gets column i of the 8 rows */
 static inline void store_transposed(__m256 r[8], float *tile) {
@@ -219,7 +262,7 @@ static void decode_rows(const struct tiled_weight *wt, int block, int k0, int kk
             for (int j = 0; j < 8; j++) {
                 if (j >= valid) {
                     r[j] = _mm256_setzero_ps();
-                } else if (wt->is_int8) {
+                } else if (wt->kind == 1) {
                     const int8_t *at = (const int8_t *)wt->w + first + (size_t)j * wt->k + i;
                     r[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)at)));
                 } else {
@@ -280,10 +323,14 @@ static void tile_matmul(const float *tile, const float *x, float *acc, int rows,
 /* One block of 32 output columns for `rows` activation rows, packed */
 static void tiled_block(const struct tiled_weight *wt, const float *packed, float *y, int rows, int block, float *tile,
                         float *acc) {
+    int tile_k = tile_width(wt);
     memset(acc, 0, sizeof(float) * (size_t)rows * 32);
-    for (int k0 = 0; k0 < wt->k; k0 += TILE_K) {
-        int kk = wt->k - k0 < TILE_K ? wt->k - k0 : TILE_K;
-        decode_rows(wt, block, k0, kk, tile);
+    for (int k0 = 0; k0 < wt->k; k0 += tile_k) {
+        int kk = wt->k - k0 < tile_k ? wt->k - k0 : tile_k;
+        if (wt->kind == 0)
+            decode_int4(wt, block, k0, kk, tile);
+        else
+            decode_rows(wt, block, k0, kk, tile);
         tile_matmul(tile, packed, acc, rows, wt->k, k0, kk);
     }
     int cols = wt->n - block * 32 < 32 ? wt->n - block * 32 : 32;
@@ -333,7 +380,7 @@ struct tiled_job {
 static void tiled_job_block(const void *job, int m, int rows, int block, void *scratch) {
     const struct tiled_job *j = job;
     tiled_block(j->wt, j->packed + (size_t)m * j->wt->k, j->y + (size_t)m * j->wt->n, rows, block, scratch,
-                (float *)scratch + TILE_K * 32);
+                (float *)scratch + (size_t)tile_width(j->wt) * 32);
 }
 
 /* x [rows, k] bf16 -> fp32 in groups of MICRO_ROWS rows, each [k_padded][MICRO_ROWS] (a group's activations for
@@ -354,9 +401,17 @@ static int tiled_product(const struct tiled_weight *wt, const uint16_t *x, float
     if (!packed) return -1;
     int chunk = chunk_rows(sizeof(float) * wt->k, sizeof(float) * TILED_CHUNK_FLOATS, MICRO_ROWS, TILED_ROW_CHUNK);
     struct tiled_job job = {wt, packed, y};
-    int rc = for_blocks(tiled_job_block, &job, rows, (wt->n + 31) / 32, chunk, sizeof(float) * (TILE_K + chunk) * 32);
+    int rc = for_blocks(tiled_job_block, &job, rows, (wt->n + 31) / 32, chunk,
+                        sizeof(float) * ((size_t)tile_width(wt) + chunk) * 32);
     free(packed);
     return rc;
+}
+
+/* y [rows, n] fp32 = x [rows, k] bf16 @ W.T through tiles, W int4 as int4_matmul's; 0, or -1 when out of memory */
+int int4_matmul_tiled(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n,
+                      int k, int group) {
+    struct tiled_weight wt = {0, w, (const uint32_t *)scales_zeros, NULL, n, k, group};
+    return tiled_product(&wt, x, y, rows, k);
 }
 
 /* the same, W int8 as int8_matmul's (scaled after the sums): n any, ldw a multiple of 16 */
@@ -365,7 +420,7 @@ int int8_matmul_tiled(const uint16_t *x, const int8_t *w, const uint16_t *scales
     float *scale = malloc(sizeof(float) * n);
     if (!scale) return -1;
     for (int i = 0; i < n; i++) scale[i] = bf16_to_f32(scales[i]);
-    struct tiled_weight wt = {1, w, scale, n, ldw};
+    struct tiled_weight wt = {1, w, NULL, scale, n, ldw, 0};
     int rc = tiled_product(&wt, x, y, rows, k);
     free(scale);
     return rc;
@@ -373,11 +428,11 @@ int int8_matmul_tiled(const uint16_t *x, const int8_t *w, const uint16_t *scales
 
 /* the same, W bf16 as bf16_matmul's: n any, k a multiple of 8 */
 int bf16_matmul_tiled(const uint16_t *x, const uint16_t *w, float *y, int rows, int n, int k) {
-    struct tiled_weight wt = {0, w, NULL, n, k};
+    struct tiled_weight wt = {2, w, NULL, NULL, n, k, 0};
     return tiled_product(&wt, x, y, rows, k);
 }
 
-/* ---- Several rows of int4: against activations quantized to int8 ----
+/* ---- Several rows of int4 against activations quantized to int8 (the layers GLM Studio quantizes itself) ----
  * Each activation row is quantized per block of 32 columns (scale max|x| / 127, rounded to nearest even: the
  * arithmetic of llama.cpp's Q8_0), and codes (0..15) multiply it with vpmaddubsw, 32 byte products a cycle on a
  * Zen 2: twice its FMA rate. A block's 16-bit sums (16 products of at most 15 x 127 each) fit without saturating,
@@ -559,8 +614,8 @@ static void int4_tiled_block(const void *job, int m, int rows, int block, void *
 
 /* y [rows, n] fp32 = x [rows, k] bf16, quantized as above, @ W.T, W int4 as int4_matmul's; 0, or -1 when out of
  * memory */
-int int4_matmul_tiled(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n,
-                      int k, int group) {
+int int4_matmul_int8_activations(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows,
+                                  int n, int k, int group) {
     struct int4_weight wt = {w, (const uint32_t *)scales_zeros, n, k, group};
     struct q8_rows xq;
     if (quantize_rows(x, rows, k, group, &xq)) return -1;
