@@ -3,15 +3,21 @@ arithmetic unused. Decode (a row or a few): on a 2-core AVX2 Zen 2, one row agai
 6.7 ms (33 GB/s) against torch's 16.9 ms (13 GB/s), int4 in torch's packed layout 3.5-4.4 ms against 7.7. More rows
 (prefill, batched decode): each block of 32 output columns is decoded a tile at a time that stays in L1 while every
 row multiplies it, in fp32: 512 rows against the same weight, int4 0.63 s against 0.89 for dequantizing into a fp32
-GEMM (oneDNN), bf16 0.66 against 0.86. Where the int4 layer asks for it (int8_activations: the layers GLM Studio
-quantizes itself), int4 tiles stay codes and multiply the activations quantized to int8 per block of 32 (llama.cpp's
-Q8_0 arithmetic) with vpmaddubsw, twice the FMA rate: 512 rows 0.43 s, 8 rows 10 ms against 18. BENCHMARKS.md has
-the figures.
+GEMM (oneDNN), bf16 0.66 against 0.86. In the int4 layers GLM Studio quantizes itself (not an official checkpoint's:
+quant.QuantizedLinear.official), tiles stay codes and multiply the activations quantized to int8 per block of 32
+(llama.cpp's Q8_0 arithmetic) with vpmaddubsw, twice the FMA rate: 512 rows 0.43 s, 8 rows 10 ms against 18.
+BENCHMARKS.md has the figures.
+
+Where torch takes its AVX-512 path its kernels run the products (they are not the bottleneck there), but a prompt's
+int4 and int8 products dequantize the weight a chunk at a time into bf16 for oneDNN's GEMM, and that runs here on
+every CPU with AVX2 (int4_dequantize_bf16, int8_dequantize_bf16): one pass where torch's elementwise ops take up to
+four. On a 2-core AMX Xeon, whose bf16 GEMM runs 512 rows against a 27392 x 4096 weight in 54 ms, int4 dequantizes
+it in 13 ms against 59 and int8 in 14 against 28: the whole product 69 ms against 122 (int4), 65 against 83 (int8).
 
 The C file is compiled on first use with the system's C compiler into the cache (keyed by the source's hash) and
 loaded with ctypes; it uses OpenMP from the process's libgomp, which is torch's, so torch's thread count (and
-threads.ThreadPolicy) applies to it. Without a compiler, or with GLM_STUDIO_NATIVE_KERNELS=0, torch's kernels run,
-as on CPUs with AVX-512 (torch's kernels there are not the bottleneck; the int4 layout differs too).
+threads.ThreadPolicy) applies to it. Without a compiler, or with GLM_STUDIO_NATIVE_KERNELS=0, torch's kernels and
+elementwise dequantization run.
 
 Arithmetic: bf16 activations widened exactly to fp32, fp32 products and sums, fp32 outputs (torch's bf16 kernels
 round theirs to bf16). int4 with int8 activations, from 2 rows: quantized as tests/quant_sweep.py's
@@ -55,11 +61,14 @@ _build_lock = threading.Lock()
 
 
 def wanted() -> bool:
-    """Whether this process should use the kernels: torch on its AVX2 path (also an AVX-512 CPU held there with
-    ATEN_CPU_CAPABILITY=avx2, whose int4 layout is then AVX2's), not turned off. The CPU is asked too (torch's
-    cpuinfo): ATEN_CPU_CAPABILITY names a path without checking that the CPU has it."""
-    return (os.environ.get("GLM_STUDIO_NATIVE_KERNELS", "1").strip() != "0"
-            and torch.backends.cpu.get_cpu_capability() == "AVX2" and torch.cpu._is_avx2_supported())
+    """Whether this process should build the kernels: the CPU has AVX2 (torch's cpuinfo), not turned off."""
+    return os.environ.get("GLM_STUDIO_NATIVE_KERNELS", "1").strip() != "0" and torch.cpu._is_avx2_supported()
+
+
+def runs_products() -> bool:
+    """Whether the products run here: torch on its AVX2 path (also an AVX-512 CPU held there with
+    ATEN_CPU_CAPABILITY=avx2, whose int4 layout is then AVX2's). Elsewhere only int4_dequantize_bf16 does."""
+    return wanted() and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def compiler_path() -> str | None:
@@ -110,6 +119,8 @@ def library() -> ctypes.CDLL | None:
     lib.int4_matmul_int8_activations.argtypes = lib.int4_matmul.argtypes
     lib.bf16_matmul_tiled.argtypes = lib.bf16_matmul.argtypes
     lib.int8_matmul_tiled.argtypes = lib.int8_matmul.argtypes
+    lib.int4_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 6
+    lib.int8_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 4
     return lib
 
 
@@ -161,7 +172,7 @@ def takes_int4(x: Tensor, module) -> bool:
     """Whether int4_matmul can run this Int4Linear's product for x."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16
             and module.scales_and_zeros.dtype == torch.bfloat16 and (module.block_rows, module.half_split) == (32, True)
-            and module.out_features % 32 == 0 and library() is not None)
+            and module.out_features % 32 == 0 and runs_products() and library() is not None)
 
 
 def takes_int8(x: Tensor, module) -> bool:
@@ -170,11 +181,45 @@ def takes_int8(x: Tensor, module) -> bool:
     rows = x.shape[0]
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16
             and (rows <= INT8_MAX_ROWS or rows >= INT8_TILED_MIN_ROWS) and module.scales.dtype == torch.bfloat16
-            and module.qweight.is_contiguous() and module.out_features % 4 == 0 and library() is not None)
+            and module.qweight.is_contiguous() and module.out_features % 4 == 0 and runs_products()
+            and library() is not None)
 
 
 def takes_bf16(x: Tensor, weight: Tensor) -> bool:
     """Whether bf16_matmul can run x @ weight.T."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and not weight.is_mkldnn and weight.is_contiguous() and weight.shape[0] % 4 == 0
-            and weight.shape[1] % 16 == 0 and library() is not None)
+            and weight.shape[1] % 16 == 0 and runs_products() and library() is not None)
+
+
+def dequantizes_int4(module, dtype: torch.dtype, stop: int) -> bool:
+    """Whether int4_dequantize_bf16 can dequantize this Int4Linear's rows up to stop into dtype: bf16, CPU, whole
+    half-split blocks (torch's AVX-512 and AVX2 layouts; a tail block pairs its rows) with bf16 scales."""
+    return (dtype == torch.bfloat16 and module.qweight.device.type == "cpu" and module.half_split
+            and stop <= module.out_features // module.block_rows * module.block_rows
+            and module.scales_and_zeros.dtype == torch.bfloat16 and library() is not None)
+
+
+def int4_dequantize_bf16(module, start: int, stop: int, out: Tensor) -> Tensor:
+    """W[start:stop] of an Int4Linear (start and stop on its block edges) as bf16 [in, stop - start] in out's memory:
+    one pass instead of torch's four, the same values (the C function's comment says why)."""
+    cols, k = stop - start, module.in_features
+    out = out[:k * cols].view(k, cols)
+    library().int4_dequantize_bf16(module.qweight.data_ptr(), module.scales_and_zeros.data_ptr(), out.data_ptr(),
+                                   start, stop, module.out_features, k, module.group_size, module.block_rows)
+    return out
+
+
+def dequantizes_int8(module, dtype: torch.dtype) -> bool:
+    """Whether int8_dequantize_bf16 can dequantize this Int8Linear into dtype: bf16, CPU, bf16 scales."""
+    return (dtype == torch.bfloat16 and module.qweight.device.type == "cpu" and module.qweight.is_contiguous()
+            and module.scales.dtype == torch.bfloat16 and library() is not None)
+
+
+def int8_dequantize_bf16(module, start: int, stop: int, out: Tensor) -> Tensor:
+    """W[start:stop] of an Int8Linear as bf16 [stop - start, in] in out's memory, the values torch.mul gives."""
+    rows, k = stop - start, module.in_features
+    out = out[:rows * k].view(rows, k)
+    library().int8_dequantize_bf16(module.qweight.data_ptr(), module.scales.data_ptr(), out.data_ptr(), start, stop,
+                                   k, module.qweight.shape[1])
+    return out

@@ -14,11 +14,12 @@ gives the official CPU arithmetic op for op (checkpoint.load_model's `exact`).
 
 Which product runs on CPU: on torch's AVX2 path, bf16 input takes GLM Studio's own products (glm_core.native) at
 every row count int4 has and int8 has from INT8_TILED_MIN_ROWS on (and at one row): 1.3-1.8x faster than torch's
-kernels in decode, 1.2-1.9x faster than the dense path in prefill. Otherwise fewer than DENSE_MIN_ROWS rows in
+kernels in decode, 1.2-1.9x faster than the dense path in prefill. Otherwise fewer than dense_min_rows() rows in
 bf16/fp16 (decode) take torch's fused kernel; more rows (prefill) and fp32 take the dense path, which dequantizes
-DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16 where the CPU has native bf16, else in fp32, which there
-beats both the fused kernels and a bf16 GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is
-oneDNN's on AMD CPUs, matmul_fp32). On
+DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16 where the CPU has native bf16 (by glm_core.native's
+one-pass kernels where the CPU has AVX2, 2-4x faster than elementwise torch), else in fp32, which there beats both
+the fused kernels and a bf16 GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's
+on AMD CPUs, matmul_fp32). On
 CUDA int4 runs the bf16 tinygemm kernel; int8 dequantizes and matmuls in the input dtype, because the CUDA
 `_weight_int8pack_mm` (torch 2.11, H100) was 9x slower than that for one row and 600x for 512.
 
@@ -53,12 +54,24 @@ from . import native
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # the group sizes the int4 kernels accept, largest first
 DENSE_MIN_ROWS = 128                    # CPU: from this many rows on, dequantize + GEMM beats torch's fused kernels
+DENSE_MIN_ROWS_AMX = 24                 # ... where AMX runs the bf16 GEMM and glm_core.native dequantizes (see below)
 DENSE_CHUNK_ELEMENTS = 4 << 20          # weights dequantized at a time (16 MB in fp32): bounded scratch, in cache
 PACKED_MIN_ROWS = 4                     # rows oneDNN's packed products of large weights get at least (OneDnnLinear)
 PAD_MIN_WEIGHTS = 1 << 24               # ... large: 16M weights (every 6B block product; SmolLM2's output layer is 28M)
 INT8_KERNEL_K_MULTIPLE = 16            # _weight_int8pack_mm with bf16 input needs K % 16 (AVX-512), % 8 (AVX2)
 QUANTIZE_ROWS = 256                     # rows quantized at a time: 4 MB of fp32 scratch stays in cache (2x faster than
                                         # 2048 rows on a 2-core EPYC); whole int4 CPU blocks
+
+
+@functools.cache
+def dense_min_rows() -> int:
+    """Rows from which a CPU product dequantizes for a GEMM. On a 2-core AMX Xeon (bf16 GEMM 4-5x a Zen 4's) with the
+    one-pass dequantization, dense against fused at 16 / 20 / 24 rows, best of 7, ms: int4 27392 x 4096 29.3 / 25.7 /
+    25.8 against 19.6 / 24.4 / 29.4, 4096 x 13696 13.0 / 13.0 / 11.5 against 9.5 / 11.8 / 14.2; int8 27392 x 4096
+    22.8 / 23.0 / 23.2 against 21.1 / 26.4 / 31.2. DENSE_MIN_ROWS was measured on a Zen 4 with torch's elementwise
+    dequantization."""
+    amx = torch.cpu._is_amx_tile_supported() and not slow_half_gemm(torch.bfloat16)
+    return DENSE_MIN_ROWS_AMX if amx and native.library() is not None else DENSE_MIN_ROWS
 
 
 @functools.cache
@@ -195,16 +208,24 @@ class Scratch:
 
 
 class QuantizedLinear(nn.Module):
-    """What Int8Linear and Int4Linear share: the input's rounding, the choice of product, the bias."""
+    """What Int8Linear and Int4Linear share: the input's rounding, the choice of product, the bias.
+
+    `official`: a layer of an official pre-quantized checkpoint, whose fast path is held to the official code's
+    logits (within 3 % of the largest, 99 % of the same argmax on the fixtures): its products keep bf16 activations
+    and take the fused kernels below DENSE_MIN_ROWS rows. Layers GLM Studio quantizes trade a little of that for
+    speed: int4 multiplies activations quantized to int8 in glm_core.native's product (from 2 rows: 1.4-1.75x faster
+    on a Zen 2; the fixture's logits went to 3.5 %), and AMX CPUs dequantize for a GEMM from dense_min_rows() (the
+    fixture's argmax agreed at 97.5 % with its 40-token sequence in bf16 weights)."""
 
     in_features: int
     out_features: int
     unpackable = True   # whether dequantize() can read the weights back (Int4Linear: only known CPU layouts)
 
-    def __init__(self, bias: Tensor | None, activation_dtype: torch.dtype | None):
+    def __init__(self, bias: Tensor | None, activation_dtype: torch.dtype | None, official: bool):
         super().__init__()
         self.bias = _as_bias(bias)
         self.activation_dtype = activation_dtype
+        self.official = official
 
     def fused(self, x: Tensor) -> Tensor:
         """The product without a dequantized copy of the weight: GLM Studio's own where native_takes, else torch's."""
@@ -217,7 +238,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         xa = x2 if self.activation_dtype is None else x2.to(self.activation_dtype)
-        decode = x.device.type == "cpu" and xa.dtype != torch.float32 and x2.shape[0] < DENSE_MIN_ROWS
+        fused_below = DENSE_MIN_ROWS if self.official else dense_min_rows()
+        decode = x.device.type == "cpu" and xa.dtype != torch.float32 and x2.shape[0] < fused_below
         if decode or not self.unpackable or self.native_takes(xa):   # CUDA int4 is never unpackable
             y = self.fused(xa.contiguous())
         else:
@@ -232,8 +254,8 @@ class Int8Linear(QuantizedLinear):
     """y = x @ (scale * q).T + bias with q int8 [out, in] and one scale per output row."""
 
     def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None,
-                 activation_dtype: torch.dtype | None = None):
-        super().__init__(bias, activation_dtype)
+                 activation_dtype: torch.dtype | None = None, official: bool = False):
+        super().__init__(bias, activation_dtype, official)
         self.out_features, self.in_features = qweight.shape
         qweight = qweight.to(torch.int8)
         # K the fused CPU kernel can take (see the module docstring): zero columns, decided here once
@@ -247,6 +269,9 @@ class Int8Linear(QuantizedLinear):
                    scratch: Scratch | None = None) -> Tensor:
         """W[start:stop] [rows, in], in scratch.weight when given."""
         stop = self.out_features if stop is None else stop
+        if native.dequantizes_int8(self, dtype):
+            out = torch.empty((stop - start) * self.in_features, dtype=dtype) if scratch is None else scratch.weight
+            return native.int8_dequantize_bf16(self, start, stop, out)
         q = self.qweight[start:stop, :self.in_features]
         scales = self.scales[start:stop, None].to(dtype)
         if scratch is None:
@@ -314,16 +339,13 @@ class Int4Linear(QuantizedLinear):
     """y = x @ W.T + bias with W[n, k] = (code - 8) * scale[g, n] + zero[g, n], g = k // group_size.
 
     `codes` [out, in] in 0..15 (any integer dtype) and `scales_and_zeros` [in / group_size, out, 2] are packed for
-    the device they are on, in that device's kernel layout; the module then runs on that device type only.
-    `int8_activations`: where glm_core.native runs the product, 2 rows or more (prompts, several visitors' decode
-    steps) multiply the input quantized to int8 per block of 32, as llama.cpp's Q4_0 x Q8_0, 1.4-1.75x faster on a
-    Zen 2; quantize_linear's layers do, official checkpoints' keep bf16 (their logits stay within 2 % of the
-    official code's; int8 activations took the fixture to 3.5 %)."""
+    the device they are on, in that device's kernel layout; the module then runs on that device type only. Unless
+    `official`, where glm_core.native runs the product, 2 rows or more (prompts, several visitors' decode steps)
+    multiply the input quantized to int8 per block of 32, as llama.cpp's Q4_0 x Q8_0."""
 
     def __init__(self, codes: Tensor, scales_and_zeros: Tensor, group_size: int, bias: Tensor | None,
-                 activation_dtype: torch.dtype | None = None, int8_activations: bool = False):
-        super().__init__(bias, activation_dtype)
-        self.int8_activations = int8_activations
+                 activation_dtype: torch.dtype | None = None, official: bool = False):
+        super().__init__(bias, activation_dtype, official)
         self.out_features, self.in_features = codes.shape
         self.group_size = group_size
         self.block_rows, self.half_split = _cpu_block_layout()
@@ -365,6 +387,9 @@ class Int4Linear(QuantizedLinear):
         """W[start:stop] as a transposed view of a contiguous [in, rows] tensor (in scratch.weight when given)."""
         stop = self.out_features if stop is None else stop
         shape = (self.in_features, stop - start)
+        if native.dequantizes_int4(self, dtype, stop):
+            out = torch.empty(shape[0] * shape[1], dtype=dtype) if scratch is None else scratch.weight
+            return native.int4_dequantize_bf16(self, start, stop, out).t()
         codes = self.unpack_codes(start, stop, None if scratch is None else scratch.codes).t()
         q = codes.view(torch.int8).sub_(8)
         q = q.to(dtype) if scratch is None else scratch.weight[:q.numel()].view(shape).copy_(q)
@@ -390,7 +415,7 @@ class Int4Linear(QuantizedLinear):
                                                       self.scales_and_zeros.to(torch.bfloat16))
         if self.native_takes(x):
             return native.int4_matmul(x, self.qweight, self.scales_and_zeros, self.out_features, self.group_size,
-                                      self.int8_activations)
+                                      int8_activations=not self.official)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
                                                           self.scales_and_zeros.to(x.dtype))
 
@@ -463,8 +488,7 @@ def quantize_linear(weight: Tensor, bias: Tensor | None, precision: str, group_s
         return Int8Linear(*_quantize_int8(weight, scale_dtype), bias, activation_dtype)
     if weight.device.type == "cuda":
         scale_dtype = torch.bfloat16  # what the CUDA kernel takes
-    return Int4Linear(*_quantize_int4(weight, group, scale_dtype), group, bias, activation_dtype,
-                      int8_activations=True)
+    return Int4Linear(*_quantize_int4(weight, group, scale_dtype), group, bias, activation_dtype)
 
 
 def unpack_official_int4(qweight: Tensor) -> Tensor:
@@ -484,17 +508,17 @@ def from_official(qweight: Tensor, weight_scale: Tensor, bits: int, bias: Tensor
     exactly; a shape the int4 kernels cannot take becomes Int8Linear of the same values (exact, twice the bytes).
     Scales stay in weight_scale's dtype: give them in the activation dtype for the fused kernels."""
     if bits == 8:
-        return Int8Linear(qweight, weight_scale, bias, activation_dtype)
+        return Int8Linear(qweight, weight_scale, bias, activation_dtype, official=True)
     if bits != 4:
         raise ValueError(f"official ChatGLM checkpoints are 4 or 8 bit, got {bits}")
     q = unpack_official_int4(qweight)
     out_features, in_features = q.shape
     group = int4_group_size(in_features, out_features, INT4_GROUP_SIZES[0], q.device)
     if group is None:
-        return Int8Linear(q, weight_scale, bias, activation_dtype)
+        return Int8Linear(q, weight_scale, bias, activation_dtype, official=True)
     scales = weight_scale[None, :, None].expand(in_features // group, out_features, 1)
     scales_and_zeros = torch.cat([scales, torch.zeros_like(scales)], dim=2)
-    return Int4Linear(q.add(8).to(torch.uint8), scales_and_zeros, group, bias, activation_dtype)
+    return Int4Linear(q.add(8).to(torch.uint8), scales_and_zeros, group, bias, activation_dtype, official=True)
 
 
 def activation_dtype_for(device: torch.device | str) -> torch.dtype | None:

@@ -38,7 +38,7 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
 
 def takes_quantized_activations(module: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether module(x) runs native's int4 product of int8 activations, which multiplies quantized_activations(x)."""
-    return (isinstance(module, quant.Int4Linear) and module.int8_activations
+    return (isinstance(module, quant.Int4Linear) and not module.official
             and module.activation_dtype == torch.bfloat16 and x.shape[0] >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
             and module.native_takes(x.to(torch.bfloat16)))
 

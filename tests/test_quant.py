@@ -41,7 +41,7 @@ def official_qkv(bits: int):
 
 def test_official_int8_layer0_is_the_official_cpu_arithmetic():
     module, deq, bias, golden = official_qkv(8)
-    assert isinstance(module, quant.Int8Linear)
+    assert isinstance(module, quant.Int8Linear) and module.official
     assert torch.equal(module.dequantize(), deq)
     assert module.dequantize()[0, :16].tolist() == golden["first_row_first_16_dequant"]
     x = torch.randn(7, 128, generator=torch.Generator().manual_seed(0))
@@ -53,7 +53,7 @@ def test_official_int8_layer0_is_the_official_cpu_arithmetic():
 def test_official_int4_layer0_dequantizes_bit_for_bit():
     module, deq, bias, golden = official_qkv(4)
     assert isinstance(module, quant.Int4Linear) and module.group_size == 128
-    assert not module.int8_activations   # the official arithmetic's inputs (see test_engine_glm's fast-path gate)
+    assert module.official   # the official arithmetic's inputs, fused kernels (see test_engine_glm's fast-path gate)
     assert torch.equal(module.dequantize(), deq)
     assert module.dequantize()[0, :16].tolist() == golden["first_row_first_16_dequant"]
     x = torch.randn(7, 128, generator=torch.Generator().manual_seed(0))
@@ -114,7 +114,7 @@ def test_int8_quantization_and_both_products(torch_products):
     x = torch.randn(5, 3, 96, generator=g)
     assert torch.equal(module(x), (x.reshape(-1, 96).mm(deq.t()) + b).reshape(5, 3, 48))
     bf16 = module.to(torch.bfloat16)
-    for rows in (1, quant.DENSE_MIN_ROWS):  # fused kernel (decode) and dequantize + GEMM (prefill)
+    for rows in (1, quant.dense_min_rows()):  # fused kernel (decode) and dequantize + GEMM (prefill)
         xb = torch.randn(rows, 96, generator=g).bfloat16()
         w = bf16.dequantize().double()
         ref = xb.double().mm(w.t())
@@ -139,7 +139,7 @@ def test_int4_quantization_and_both_products(torch_products):
     sz = module.scales_and_zeros.float()
     codes = module.unpack_codes(0, 80).float().view(80, 4, 64)
     assert torch.equal(deq, ((codes - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).view(80, 256))
-    for rows in (1, 3, quant.DENSE_MIN_ROWS + 1):
+    for rows in (1, 3, quant.dense_min_rows() + 1):
         x = torch.randn(rows, 256, generator=g).bfloat16()
         ref = x.double().mm(deq.double().t())
         assert ((module(x).double() - ref).abs() <= error_bound(x.double(), deq.double(), torch.bfloat16)).all()
@@ -154,7 +154,7 @@ def test_bf16_activations_round_only_the_input(precision, torch_products):
     module = quant.quantize_linear(w, b, precision, 64, activation_dtype=torch.bfloat16)
     assert {module.bias.dtype, (module.scales if precision == "int8" else module.scales_and_zeros).dtype} == {
         torch.float32, torch.bfloat16}  # scales in the kernels' dtype, the bias as given
-    for rows in (1, quant.DENSE_MIN_ROWS):  # fused kernel (decode) and dequantize + fp32 GEMM (prefill)
+    for rows in (1, quant.dense_min_rows()):  # fused kernel (decode) and dequantize + fp32 GEMM (prefill)
         x = torch.randn(rows, 256, generator=g)
         out = module(x)
         assert out.dtype == torch.float32
@@ -173,7 +173,7 @@ def test_prefill_gemm_in_bf16_where_native_else_fp32(precision, monkeypatch, tor
     g = torch.Generator().manual_seed(7)
     module = quant.quantize_linear(torch.randn(96, 256, generator=g), None, precision, 64, activation_dtype=torch.bfloat16)
     monkeypatch.setattr(quant, "DENSE_CHUNK_ELEMENTS", 32 * 256)   # three chunks of 32 rows
-    x = torch.randn(quant.DENSE_MIN_ROWS, 256, generator=g)
+    x = torch.randn(quant.dense_min_rows(), 256, generator=g)
     ref = x.bfloat16().float().mm(module.dequantize().t())
     xb, w = x.bfloat16().double(), module.dequantize().double()
     # AVX2 (fp32 GEMM on oneDNN, as on AMD CPUs, or MKL), or a CPU with native bf16 (bf16 GEMM, bf16 output)
@@ -202,10 +202,70 @@ def test_the_chunked_prefill_product_leaves_nothing_of_the_last_chunk_in_its_scr
     for start in (0, 64, 128, 192, 0):
         stop = min(start + 64, 208)
         assert torch.equal(module.dequantize(torch.bfloat16, start, stop, scratch), whole[start:stop])
-    x = torch.randn(quant.DENSE_MIN_ROWS, 256, generator=g)
+    x = torch.randn(quant.dense_min_rows(), 256, generator=g)
     xb, w = x.bfloat16().double(), whole.double()
     out = module(x)
     assert ((out.double() - xb.mm(w.t())).abs() <= error_bound(xb, w, torch.bfloat16)).all()
+
+
+@pytest.mark.skipif(not native.wanted() or not native.compiler_path(),
+                    reason="built where the CPU has AVX2, by a C compiler")
+@pytest.mark.parametrize("group", quant.INT4_GROUP_SIZES)
+def test_native_int4_dequantization_rounds_as_torchs(group):
+    """The dense path's one-pass dequantization (int4_dequantize_bf16, on every AVX2 CPU whatever torch's path) gives
+    (code - 8) * scale + zero rounded once to fp32 and once to bf16, bit for bit what the elementwise one in fp32
+    rounded to bf16 gives: every code, scales and zeros from 1e-6 to 1e4, any whole blocks of the layer's layout
+    (AVX-512's 64 rows, AVX2's 32); the tail block (pairs of rows) stays with torch."""
+    g = torch.Generator().manual_seed(group)
+    rows = 4 * 64 + 16
+    w = torch.randn(rows, 3 * group, generator=g) * torch.logspace(-6, 4, rows)[:, None] + torch.randn(rows, 1) / 8
+    module = quant.quantize_linear(w, None, "int4", group, torch.bfloat16)
+    full = rows // module.block_rows * module.block_rows
+    assert module.half_split == (torch.backends.cpu.get_cpu_capability() != "DEFAULT")
+    if not module.half_split:
+        pytest.skip("torch's default path pairs rows in every block: its dequantization stays torch's")
+    assert native.dequantizes_int4(module, torch.bfloat16, full) and not native.dequantizes_int4(module, torch.bfloat16, rows)
+    reference = module.dequantize(torch.float32).to(torch.bfloat16)
+    assert set(module.unpack_codes(0, full).unique().tolist()) == set(range(16))
+    for start, stop in [(0, full), (module.block_rows, 2 * module.block_rows), (0, rows)]:
+        got = module.dequantize(torch.bfloat16, start, stop)
+        assert torch.equal(got.view(torch.int16), reference[start:stop].view(torch.int16)), (start, stop)
+
+
+@pytest.mark.skipif(not native.wanted() or not native.compiler_path(),
+                    reason="built where the CPU has AVX2, by a C compiler")
+@pytest.mark.parametrize("in_features", [8, 100, 4096])   # 100: past the kernel's 8-wide steps; padded to 112
+def test_native_int8_dequantization_rounds_as_torchs(in_features):
+    """int8_dequantize_bf16: q * scale rounded once to bf16, bit for bit what the fp32 dequantization rounded to bf16
+    gives, for scales from 1e-6 to 1e4, any rows, with the weight's zero padding left out."""
+    g = torch.Generator().manual_seed(in_features)
+    w = torch.randn(40, in_features, generator=g) * torch.logspace(-6, 4, 40)[:, None]
+    module = quant.quantize_linear(w, None, "int8", activation_dtype=torch.bfloat16)
+    assert native.dequantizes_int8(module, torch.bfloat16)
+    reference = module.dequantize(torch.float32).to(torch.bfloat16)
+    for start, stop in [(0, 40), (3, 17)]:
+        got = module.dequantize(torch.bfloat16, start, stop)
+        assert got.shape == (stop - start, in_features)
+        assert torch.equal(got.view(torch.int16), reference[start:stop].view(torch.int16)), (start, stop)
+
+
+def test_official_layers_keep_the_fused_kernels_below_dense_min_rows(monkeypatch):
+    """Where dense_min_rows() is lower (AMX), layers GLM Studio quantizes take the dense path from there; official
+    checkpoints' layers keep the fused kernels up to DENSE_MIN_ROWS: bf16 weights cost the v2_int4 fixture its 99 %
+    argmax agreement with the official code (test_engine_glm's fast-path gate)."""
+    monkeypatch.setattr(quant, "dense_min_rows", lambda: 4)
+    dense = []
+    monkeypatch.setattr(quant, "_dense_matmul", lambda x, module: dense.append(module) or torch.zeros(
+        x.shape[0], module.out_features, dtype=x.dtype))
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (64, 128), generator=g, dtype=torch.int8)
+    official = quant.from_official(q, torch.rand(64, generator=g).bfloat16(), 8, None, torch.bfloat16)
+    ours = quant.quantize_linear(torch.randn(64, 128, generator=g), None, "int8", activation_dtype=torch.bfloat16)
+    x = torch.randn(8, 128, generator=g)   # not a row count GLM Studio's AVX2 int8 products take
+    official(x)
+    assert dense == []
+    ours(x)
+    assert dense == [ours]
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -265,7 +325,7 @@ def test_modules_hold_no_float_copy_of_the_weight(precision, ratio):
 
 
 needs_native = pytest.mark.skipif(
-    not native.wanted() or not native.compiler_path(),
+    not native.runs_products() or not native.compiler_path(),
     reason="the AVX2 products run on torch's AVX2 path only (an AVX-512 machine runs this module again there), "
            "built by a C compiler")
 
@@ -283,7 +343,7 @@ def int4_reference(module: quant.Int4Linear, x: torch.Tensor) -> tuple[torch.Ten
     bounded by those terms' magnitudes, not W's: (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| +
     |zero - 8 scale|), every sum in fp32."""
     out_features, in_features, group = module.out_features, module.in_features, module.group_size
-    quantized = module.int8_activations and len(x) >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
+    quantized = not module.official and len(x) >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
     x64 = quantized_activations(x) if quantized else x.double()
     codes = module.unpack_codes(0, out_features).double()
     scales, zeros = (module.scales_and_zeros[..., i].double().t().repeat_interleave(group, dim=1) for i in (0, 1))
@@ -304,8 +364,8 @@ def test_native_int4_product_is_the_dequantized_product_in_fp32(out_features, in
     g = torch.Generator().manual_seed(out_features + rows)
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int4", group,
                                    torch.bfloat16)
-    assert module.group_size == group and module.int8_activations
-    module.int8_activations = int8_activations
+    assert module.group_size == group and not module.official
+    module.official = not int8_activations
     x = torch.randn(rows, in_features, generator=g).bfloat16()
     assert native.takes_int4(x, module)
     y = native.int4_matmul(x, module.qweight, module.scales_and_zeros, out_features, group, int8_activations).double()
@@ -338,7 +398,7 @@ def test_native_int4_extreme_codes_and_activations_do_not_saturate(sign):
     codes = torch.full((out_features, in_features), 15, dtype=torch.uint8)
     scales_and_zeros = torch.stack([torch.full((in_features // group, out_features), 2.0 ** -4),
                                     torch.full((in_features // group, out_features), 0.25)], -1).bfloat16()
-    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16, int8_activations=True)
+    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16)
     x = torch.full((4, in_features), 0.5 * sign).bfloat16()
     y = module.fused(x).double()
     ref, bound = int4_reference(module, x)
@@ -487,7 +547,7 @@ def test_cuda_products_match_the_reference():
 
 # -- every shape a config can declare: the sweep ------------------------------------------------------------------
 
-SWEEP_ROWS = (1, 2, 3, 5, 8, 17, 64, quant.DENSE_MIN_ROWS - 1, quant.DENSE_MIN_ROWS)
+SWEEP_ROWS = (1, 2, 3, 5, 8, 17, 64, quant.dense_min_rows() - 1, quant.dense_min_rows())
 
 
 def sweep_cases() -> list[dict]:
@@ -539,7 +599,7 @@ def test_every_odd_shape_is_correct_and_never_crashes(threads):
     assert capability == torch.backends.cpu.get_cpu_capability()
     bad = [f"{c} -> {results[c['id']]}" for c in cases if not results[c["id"]].startswith("ok")]
     assert not bad, f"{len(bad)} of {len(cases)} shapes on {capability}:\n" + "\n".join(bad[:20])
-    # the sweep reached both products: the fused kernels below DENSE_MIN_ROWS and int4 where the shape allows
+    # the sweep reached both products: the fused kernels below dense_min_rows() and int4 where the shape allows
     assert any("Int4Linear" in r for r in results.values()) and any("Int8Linear" in r for r in results.values())
 
 

@@ -12,12 +12,12 @@ import glm_core
 from conftest import FIXTURES
 from glm_core.checkpoint import build_model
 from glm_core.config import load_config
-from glm_core.quant import DENSE_MIN_ROWS
+from glm_core.quant import dense_min_rows
 
 ODD = {"hidden_size": 200, "num_attention_heads": 5, "kv_channels": 40, "multi_query_group_num": 1,
        "ffn_hidden_size": 100, "num_layers": 2}
 BLOCK_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-ROWS = (1, 2, 3, 5, 8, 17, 64, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, DENSE_MIN_ROWS + 1, 200)
+ROWS = (1, 2, 3, 5, 8, 17, 64, dense_min_rows() - 1, dense_min_rows(), dense_min_rows() + 1, 200)
 
 
 def official_quantized(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

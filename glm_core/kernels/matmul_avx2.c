@@ -1,7 +1,8 @@
 /* Products for AVX2 CPUs, where torch's kernels are slower than memory (decode: a row or a few) or the CPU's
  * arithmetic (prompts: many rows) allows. Built by glm_core/native.py on first use; plain C + OpenMP (the process's
  * libgomp, so torch's thread count applies). Activations are bf16, outputs fp32. bf16 and int8 weights multiply
- * the activations widened exactly, sums in fp32; int4 weights multiply them quantized to int8 (the last section). */
+ * the activations widened exactly, sums in fp32; int4 weights multiply them quantized to int8 (the section after the
+ * tiles). The last section dequantizes int4 and int8 weights to bf16 for torch's GEMMs, on any CPU with AVX2. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -625,4 +626,80 @@ int int4_matmul_int8_activations(const uint16_t *x, const uint8_t *w, const uint
     int rc = for_blocks(int4_tiled_block, &job, rows, n / 32, chunk, (size_t)group * 32 + sizeof(float) * chunk * 32);
     free(xq.q), free(xq.scales);
     return rc;
+}
+
+/* ---- Dequantizing int4 for a GEMM (CPUs where torch's kernels run the products, e.g. AVX-512 with AMX) ----
+ * There a prompt's int4 product dequantizes the weight a chunk at a time into bf16 for oneDNN's GEMM, which on an
+ * AMX Xeon is fast enough that torch's elementwise dequantization (unpack, subtract, convert, addcmul: a pass over
+ * memory each) took as long as the GEMM. This does it in one pass, with the same arithmetic. */
+
+/* 8 fp32 -> bf16, nearest even (no NaN comes from a dequantization) */
+static inline __m128i f32_to_bf16(__m256 v) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+}
+
+static inline uint16_t f32_to_bf16_one(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
+/* out [stop - start][k] bf16 = W[start:stop] for W int8 [n][ldw] row-major with bf16 scales [n]: q * scale is exact
+ * in fp32 and rounded once to bf16, as quant.Int8Linear.dequantize's torch.mul does */
+void int8_dequantize_bf16(const int8_t *w, const uint16_t *scales, uint16_t *out, int start, int stop, int k, int ldw) {
+#pragma omp parallel for schedule(static)
+    for (int r = start; r < stop; r++) {
+        const int8_t *src = w + (size_t)r * ldw;
+        uint16_t *dst = out + (size_t)(r - start) * k;
+        float scale = bf16_to_f32(scales[r]);
+        __m256 s = _mm256_set1_ps(scale);
+        int i = 0;
+        for (; i + 8 <= k; i += 8) {
+            __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + i))));
+            _mm_storeu_si128((__m128i *)(dst + i), f32_to_bf16(_mm256_mul_ps(v, s)));
+        }
+        for (; i < k; i++) dst[i] = f32_to_bf16_one((float)src[i] * scale);
+    }
+}
+
+/* 16 codes - 8 (int8) of consecutive output rows -> out[0..16) bf16, with those rows' scales and zeros */
+static inline void dequantize_16(__m128i q, const float *scale, const float *zero, uint16_t *out) {
+    for (int h = 0; h < 2; h++) {
+        __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h ? _mm_unpackhi_epi64(q, q) : q));
+        v = _mm256_fmadd_ps(v, _mm256_loadu_ps(scale + 8 * h), _mm256_loadu_ps(zero + 8 * h));
+        _mm_storeu_si128((__m128i *)(out + 8 * h), f32_to_bf16(v));
+    }
+}
+
+/* out [k][stop - start] bf16 = W[start:stop].T for a W int4 in torch's CPU layout: blocks of block_rows (32 or 64)
+ * output rows, each [k][block_rows / 2] bytes, the low nibble of byte j row j, the high nibble row block_rows / 2 + j
+ * (_convert_weight_to_int4pack_for_cpu's full blocks on AVX-512 and AVX2); start and stop on block edges.
+ * scales_zeros [k / group][n][2] bf16. w = (code - 8) * scale + zero: the product is exact in fp32, so the value is
+ * rounded once to fp32 and once to bf16, as quant.Int4Linear.dequantize's addcmul does. */
+void int4_dequantize_bf16(const uint8_t *w, const uint16_t *scales_zeros, uint16_t *out, int start, int stop, int n,
+                          int k, int group, int block_rows) {
+    int cols = stop - start, half = block_rows / 2;
+    const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int g = 0; g < k / group; g++)
+        for (int block = start / block_rows; block < stop / block_rows; block++) {
+            float scale[64], zero[64];
+            for (int r = 0; r < block_rows; r++) {
+                const uint16_t *pair = scales_zeros + ((size_t)g * n + block * block_rows + r) * 2;
+                scale[r] = bf16_to_f32(pair[0]), zero[r] = bf16_to_f32(pair[1]);
+            }
+            const uint8_t *codes = w + (size_t)block * k * half;
+            uint16_t *dst = out + block * block_rows - start;
+            for (int kk = g * group; kk < (g + 1) * group; kk++)
+                for (int j = 0; j < half; j += 16) {
+                    __m128i bytes = _mm_loadu_si128((const __m128i *)(codes + (size_t)kk * half + j));
+                    __m128i low = _mm_sub_epi8(_mm_and_si128(bytes, low4), eight);
+                    __m128i high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), eight);
+                    dequantize_16(low, scale + j, zero + j, dst + (size_t)kk * cols + j);
+                    dequantize_16(high, scale + half + j, zero + half + j, dst + (size_t)kk * cols + half + j);
+                }
+        }
 }
