@@ -12,6 +12,8 @@ batch); attention runs per segment against its own cache. The single-sequence ve
 """
 from __future__ import annotations
 
+import functools
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Callable
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import GLMConfig
 from .kvcache import KVCache, common_prefix
@@ -118,6 +121,23 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = No
     G = keys.shape[1]
     o = F.scaled_dot_product_attention(q.reshape(1, G, H // G, D), keys, values, attn_mask=mask)
     return o.reshape(1, H * D)
+
+
+@functools.cache
+def flash_attention_fails(dtype: torch.dtype) -> bool:
+    """torch 2.13's CPU flash attention takes its AMX route for bf16 whenever the CPU has AMX, and from 64 query rows
+    raises "pack_vnni2 is only supported when avx512 is supported" where torch is held below its AVX-512 path
+    (ATEN_CPU_CAPABILITY=avx2 or default, the paths the tests exercise on such a CPU)."""
+    return (dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
+            and torch.backends.cpu.get_cpu_capability() != "AVX512")
+
+
+def attention_kernels(dtype: torch.dtype, backends: list[SDPBackend] | None = None) -> AbstractContextManager:
+    """The scaled_dot_product_attention kernels a forward pass may use: the math kernel alone where
+    flash_attention_fails, else `backends` (None: torch's choice)."""
+    if flash_attention_fails(dtype):
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext() if backends is None else sdpa_kernel(backends)
 
 
 def attend_segments(layer: int, spans: list[tuple[KVCache, int, int]], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -286,8 +306,9 @@ class ChatGLM(SequenceVerbs):
         positions = torch.cat([torch.arange(start, start + T) for _, start, T in spans]).to(self.device)
         x = self.transformer.embedding.word_embeddings(torch.tensor(all_ids, device=self.device)).to(self.dtype)
         cos, sin = rotary(self.config, positions, self.dtype)
-        for i, layer in enumerate(self.transformer.encoder.layers):
-            x = layer(x, cos, sin, partial(attend_segments, i, spans))
+        with attention_kernels(self.dtype):
+            for i, layer in enumerate(self.transformer.encoder.layers):
+                x = layer(x, cos, sin, partial(attend_segments, i, spans))
         for cache, ids in segments:
             cache.ids += ids
         return self.transformer.encoder.final_layernorm(x)

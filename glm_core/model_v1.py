@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from .config import GLMConfig
 from .kvcache import KVCache, common_prefix
-from .model import Segment, SequenceVerbs, linear
+from .model import Segment, SequenceVerbs, attention_kernels, linear
 # The official GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never passes, so the
 # DeepNorm factor is √(2·28) whatever config.num_layers says (the tiny test checkpoint shows it).
 DEEPNORM_LAYERS = 28
@@ -208,7 +208,7 @@ class ChatGLMv1(SequenceVerbs):
         sin = torch.stack((sin_table[pos], sin_table[block]), dim=1)[:, None, :, None, :]
         all_ids = [i for _, ids in segments for i in ids]
         x = self.transformer.word_embeddings(torch.tensor(all_ids, dtype=torch.long, device=device)).to(self.dtype)
-        with sdpa_kernel(ATTENTION_BACKENDS):
+        with attention_kernels(self.dtype, ATTENTION_BACKENDS):
             for i, layer in enumerate(self.transformer.layers):
                 x = layer(x, cos, sin, i, spans)
         for cache, ids in segments:
