@@ -200,11 +200,16 @@ def dequantizes_int4(module, dtype: torch.dtype, stop: int) -> bool:
             and module.scales_and_zeros.dtype == torch.bfloat16 and library() is not None)
 
 
-def int4_dequantize_bf16(module, start: int, stop: int, out: Tensor) -> Tensor:
-    """W[start:stop] of an Int4Linear (start and stop on its block edges) as bf16 [in, stop - start] in out's memory:
-    one pass instead of torch's four, the same values (the C function's comment says why)."""
+def _bf16_scratch(out: Tensor | None, rows: int, cols: int) -> Tensor:
+    """[rows, cols] bf16 in out's memory (a flat scratch buffer), or a new tensor."""
+    return torch.empty(rows, cols, dtype=torch.bfloat16) if out is None else out[:rows * cols].view(rows, cols)
+
+
+def int4_dequantize_bf16(module, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+    """W[start:stop] of an Int4Linear (start and stop on its block edges) as bf16 [in, stop - start], in out's memory
+    when given: one pass instead of torch's four, the same values (the C function's comment says why)."""
     cols, k = stop - start, module.in_features
-    out = out[:k * cols].view(k, cols)
+    out = _bf16_scratch(out, k, cols)
     library().int4_dequantize_bf16(module.qweight.data_ptr(), module.scales_and_zeros.data_ptr(), out.data_ptr(),
                                    start, stop, module.out_features, k, module.group_size, module.block_rows)
     return out
@@ -216,10 +221,11 @@ def dequantizes_int8(module, dtype: torch.dtype) -> bool:
             and module.scales.dtype == torch.bfloat16 and library() is not None)
 
 
-def int8_dequantize_bf16(module, start: int, stop: int, out: Tensor) -> Tensor:
-    """W[start:stop] of an Int8Linear as bf16 [stop - start, in] in out's memory, the values torch.mul gives."""
+def int8_dequantize_bf16(module, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+    """W[start:stop] of an Int8Linear as bf16 [stop - start, in], in out's memory when given: the values torch.mul
+    gives."""
     rows, k = stop - start, module.in_features
-    out = out[:rows * k].view(rows, k)
+    out = _bf16_scratch(out, rows, k)
     library().int8_dequantize_bf16(module.qweight.data_ptr(), module.scales.data_ptr(), out.data_ptr(), start, stop,
                                    k, module.qweight.shape[1])
     return out

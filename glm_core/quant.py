@@ -19,9 +19,9 @@ bf16/fp16 (decode) take torch's fused kernel; more rows (prefill) and fp32 take 
 DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16 where the CPU has native bf16 (by glm_core.native's
 one-pass kernels where the CPU has AVX2, 2-4x faster than elementwise torch), else in fp32, which there beats both
 the fused kernels and a bf16 GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's
-on AMD CPUs, matmul_fp32). On
-CUDA int4 runs the bf16 tinygemm kernel; int8 dequantizes and matmuls in the input dtype, because the CUDA
-`_weight_int8pack_mm` (torch 2.11, H100) was 9x slower than that for one row and 600x for 512.
+on AMD CPUs, matmul_fp32). On CUDA int4 runs the bf16 tinygemm kernel; int8 dequantizes and matmuls in the input
+dtype, because the CUDA `_weight_int8pack_mm` (torch 2.11, H100) was 9x slower than that for one row and 600x for
+512.
 
 Scales and zeros are kept in the activation dtype (else the input's), so the kernels take them as they are;
 they follow `module.to(dtype)` like the bias, so cast a model before quantizing it, not after.
@@ -270,8 +270,7 @@ class Int8Linear(QuantizedLinear):
         """W[start:stop] [rows, in], in scratch.weight when given."""
         stop = self.out_features if stop is None else stop
         if native.dequantizes_int8(self, dtype):
-            out = torch.empty((stop - start) * self.in_features, dtype=dtype) if scratch is None else scratch.weight
-            return native.int8_dequantize_bf16(self, start, stop, out)
+            return native.int8_dequantize_bf16(self, start, stop, None if scratch is None else scratch.weight)
         q = self.qweight[start:stop, :self.in_features]
         scales = self.scales[start:stop, None].to(dtype)
         if scratch is None:
@@ -388,8 +387,7 @@ class Int4Linear(QuantizedLinear):
         stop = self.out_features if stop is None else stop
         shape = (self.in_features, stop - start)
         if native.dequantizes_int4(self, dtype, stop):
-            out = torch.empty(shape[0] * shape[1], dtype=dtype) if scratch is None else scratch.weight
-            return native.int4_dequantize_bf16(self, start, stop, out).t()
+            return native.int4_dequantize_bf16(self, start, stop, None if scratch is None else scratch.weight).t()
         codes = self.unpack_codes(start, stop, None if scratch is None else scratch.codes).t()
         q = codes.view(torch.int8).sub_(8)
         q = q.to(dtype) if scratch is None else scratch.weight[:q.numel()].view(shape).copy_(q)
