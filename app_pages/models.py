@@ -17,9 +17,11 @@ from glm_core.service import memory_in_use
 CUSTOM = "Local directory, .gguf file or Hub id ..."
 models = runtime.models()
 st.title("Models")
+if models.loading:   # whoever started it: once it ends the whole page is drawn again (the Load button, the precision)
+    st.session_state.load_seen = True
 
 
-@st.fragment(run_every=1.0 if models.loading or st.session_state.get("load_started") else None)
+@st.fragment(run_every=1.0 if st.session_state.get("load_seen") else None)
 def loaded() -> None:
     """What is loaded, and a load in progress with its bar; redrawn every second while one runs."""
     engine, status, mem = models.engine, models.status, memory_in_use()
@@ -41,8 +43,8 @@ def loaded() -> None:
     if models.running or models.waiting:
         st.caption(f"{models.running} replies being written, {models.waiting} waiting. A switch starts once the "
                    f"running replies are done; new ones wait for it.")
-    if st.session_state.get("load_started") and not models.loading:
-        del st.session_state["load_started"]
+    if st.session_state.get("load_seen") and not models.loading:
+        del st.session_state["load_seen"]
         st.rerun()
 
 
@@ -108,7 +110,6 @@ elif name and not refused:
 if st.button("Load", type="primary", icon=":material/download:",
              disabled=not name or bool(refused) or not available or not enough or models.loading):
     models.load(name, precision, device)   # the service loads it between replies; leaving this page changes nothing
-    st.session_state.load_started = True
     st.rerun()
 
 st.subheader("Or use another server's model")
@@ -133,5 +134,4 @@ if st.session_state.get("remote_listing"):
         chosen = st.selectbox(f"Models of {plain_text(url)}", served)
         if st.button("Use this model", type="primary", icon=":material/cloud:", disabled=models.loading):
             models.load(remote_name(url, chosen), "remote", "remote", api_key=key)
-            st.session_state.load_started = True
             st.rerun()

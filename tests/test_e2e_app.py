@@ -192,7 +192,9 @@ def test_closing_the_tab_during_a_load_loses_nothing(server, chromium):
     page = open_page(chromium, server, "models", operator=True)
     page.get_by_test_id("stRadio").filter(has_text="Precision").get_by_text("int4", exact=True).click()
     page.get_by_role("button", name="Load", exact=True).click()
-    expect(page.get_by_text("Loading smollm2-135m-instruct (int4")).to_be_visible(timeout=30_000)
+    # The bar shows for about the load's second or two: checked at every frame, not at expect's growing intervals
+    page.wait_for_function("() => document.body.innerText.includes('Loading smollm2-135m-instruct (int4')",
+                           polling="raf", timeout=30_000)
     page.context.close()   # the operator leaves during the load: it goes on in the model service
     other = open_page(chromium, server, "models", operator=True)
     expect(other.get_by_test_id("stAlert").filter(has_text="int4")).to_contain_text("Loaded", timeout=LONG)
@@ -200,6 +202,16 @@ def test_closing_the_tab_during_a_load_loses_nothing(server, chromium):
     short_replies(chat)
     send(chat, "What is the capital of Spain?")
     assert wait_reply_done(chat).strip()
+
+
+def test_a_page_opened_during_a_load_offers_load_again_once_it_ends(chromium):
+    with streamlit_server() as url:   # the first visit starts the start-up model's load: this page sees it running
+        page = open_page(chromium, url, "models", operator=True)
+        load = page.get_by_role("button", name="Load", exact=True)
+        expect(page.get_by_text("Loading smollm2-135m-instruct")).to_be_visible(timeout=30_000)
+        expect(load).to_be_disabled()
+        expect(page.get_by_test_id("stAlert").filter(has_text="fp32")).to_contain_text("Loaded", timeout=LONG)
+        expect(load).to_be_enabled(timeout=30_000)
 
 
 def test_screenshots_of_the_other_pages(server, chromium):
