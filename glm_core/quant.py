@@ -14,8 +14,11 @@ gives the official CPU arithmetic op for op (checkpoint.load_model's `exact`).
 
 Which product runs on CPU: on torch's AVX2 path, bf16 input takes GLM Studio's own products (glm_core.native) at
 every row count int4 has and int8 has from INT8_TILED_MIN_ROWS on (and at one row): 1.3-1.8x faster than torch's
-kernels in decode, 1.2-1.9x faster than the dense path in prefill. Otherwise fewer than dense_min_rows() rows in
-bf16/fp16 (decode) take torch's fused kernel; more rows (prefill) and fp32 take the dense path, which dequantizes
+kernels in decode, 1.2-1.9x faster than the dense path in prefill. On CPUs with AMX bf16 input from a few rows up to
+native.AMX_MAX_ROWS (batched decode, short prompts, a prompt read beside running replies) takes GLM Studio's AMX
+products, which dequantize in tiles that stay in L1 (2-3x faster than torch's kernels and the dense path from 8 to
+128 rows; official checkpoints' layers only where the dense path would run). Otherwise fewer than dense_min_rows()
+rows in bf16/fp16 (decode) take torch's fused kernel; more rows (prefill) and fp32 take the dense path, which dequantizes
 DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16 where the CPU has native bf16 (by glm_core.native's
 one-pass kernels where the CPU has AVX2, 2-4x faster than elementwise torch), else in fp32, which there beats both
 the fused kernels and a bf16 GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's
@@ -235,12 +238,22 @@ class QuantizedLinear(nn.Module):
         """Whether glm_core.native runs this product for x."""
         raise NotImplementedError
 
+    def amx_takes(self, x: Tensor) -> bool:
+        """Whether glm_core.native's AMX product runs this product for x."""
+        raise NotImplementedError
+
+    def amx_product(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         xa = x2 if self.activation_dtype is None else x2.to(self.activation_dtype)
         fused_below = DENSE_MIN_ROWS if self.official else dense_min_rows()
         decode = x.device.type == "cpu" and xa.dtype != torch.float32 and x2.shape[0] < fused_below
-        if decode or not self.unpackable or self.native_takes(xa):   # CUDA int4 is never unpackable
+        # official layers keep their fused kernels (their held arithmetic) and take AMX where the dense path ran
+        if (not self.official or not decode) and self.amx_takes(xa):
+            y = self.amx_product(xa)
+        elif decode or not self.unpackable or self.native_takes(xa):   # CUDA int4 is never unpackable
             y = self.fused(xa.contiguous())
         else:
             y = _dense_matmul(xa, self)
@@ -280,6 +293,12 @@ class Int8Linear(QuantizedLinear):
 
     def native_takes(self, x: Tensor) -> bool:
         return native.takes_int8(x, self)
+
+    def amx_takes(self, x: Tensor) -> bool:
+        return native.takes_int8_amx(x, self)
+
+    def amx_product(self, x: Tensor) -> Tensor:
+        return native.int8_matmul_amx(x, self)
 
     def fused(self, x: Tensor) -> Tensor:
         if self.native_takes(x):
@@ -407,6 +426,12 @@ class Int4Linear(QuantizedLinear):
     def native_takes(self, x: Tensor) -> bool:
         return native.takes_int4(x, self)
 
+    def amx_takes(self, x: Tensor) -> bool:
+        return native.takes_int4_amx(x, self)
+
+    def amx_product(self, x: Tensor) -> Tensor:
+        return native.int4_matmul_amx(x, self)
+
     def fused(self, x: Tensor) -> Tensor:
         if x.device.type == "cuda":  # the CUDA kernel takes bf16 only
             return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
@@ -414,6 +439,8 @@ class Int4Linear(QuantizedLinear):
         if self.native_takes(x):
             return native.int4_matmul(x, self.qweight, self.scales_and_zeros, self.out_features, self.group_size,
                                       int8_activations=not self.official)
+        if native.takes_int4_decode(x, self):
+            return native.int4_decode(x, self)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
                                                           self.scales_and_zeros.to(x.dtype))
 

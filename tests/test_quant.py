@@ -96,10 +96,11 @@ def test_official_int4_without_a_kernel_shape_becomes_exact_int8():
 
 @pytest.fixture
 def torch_products(monkeypatch):
-    """Torch's fused kernels and the dense path only, as where GLM Studio's AVX2 products are not built (they have
-    their own tests below): on torch's AVX2 path they would take these products at every row count."""
-    monkeypatch.setattr(native, "takes_int4", lambda x, module: False)
-    monkeypatch.setattr(native, "takes_int8", lambda x, module: False)
+    """Torch's fused kernels and the dense path only, as where GLM Studio's AVX2 and AMX products are not built (they
+    have their own tests below): on torch's AVX2 path the AVX2 ones would take these products at every row count, on
+    an AMX CPU the AMX ones from a few rows."""
+    for takes in ("takes_int4", "takes_int8", "takes_int4_amx", "takes_int8_amx"):
+        monkeypatch.setattr(native, takes, lambda x, module: False)
 
 
 def test_int8_quantization_and_both_products(torch_products):
@@ -250,22 +251,33 @@ def test_native_int8_dequantization_rounds_as_torchs(in_features):
 
 
 def test_official_layers_keep_the_fused_kernels_below_dense_min_rows(monkeypatch):
-    """Where dense_min_rows() is lower (AMX), layers GLM Studio quantizes take the dense path from there; official
-    checkpoints' layers keep the fused kernels up to DENSE_MIN_ROWS: bf16 weights cost the v2_int4 fixture its 99 %
-    argmax agreement with the official code (test_engine_glm's fast-path gate)."""
+    """Where dense_min_rows() is lower (AMX), layers GLM Studio quantizes take the dense path from there, or the AMX
+    product (the dense path's weights) from its few rows; official checkpoints' layers keep the fused kernels up to
+    DENSE_MIN_ROWS: bf16 weights cost the v2_int4 fixture its 99 % argmax agreement with the official code
+    (test_engine_glm's fast-path gate)."""
     monkeypatch.setattr(quant, "dense_min_rows", lambda: 4)
-    dense = []
-    monkeypatch.setattr(quant, "_dense_matmul", lambda x, module: dense.append(module) or torch.zeros(
-        x.shape[0], module.out_features, dtype=x.dtype))
+    monkeypatch.setattr(native, "takes_int8", lambda x, module: False)   # GLM Studio's AVX2 products
+    taken = []
+
+    def spy(kind):
+        return lambda a, b: taken.append((kind, a if kind == "amx" else b)) or torch.zeros(
+            (b if kind == "amx" else a).shape[0], 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(quant, "_dense_matmul", spy("dense"))
+    monkeypatch.setattr(quant.Int8Linear, "amx_product", spy("amx"))
     g = torch.Generator().manual_seed(5)
     q = torch.randint(-127, 128, (64, 128), generator=g, dtype=torch.int8)
     official = quant.from_official(q, torch.rand(64, generator=g).bfloat16(), 8, None, torch.bfloat16)
     ours = quant.quantize_linear(torch.randn(64, 128, generator=g), None, "int8", activation_dtype=torch.bfloat16)
-    x = torch.randn(8, 128, generator=g)   # not a row count GLM Studio's AVX2 int8 products take
-    official(x)
-    assert dense == []
-    ours(x)
-    assert dense == [ours]
+    for amx in (False, True):
+        monkeypatch.setattr(native, "takes_int8_amx", lambda x, module: amx)
+        kind = "amx" if amx else "dense"
+        taken.clear()
+        official(torch.randn(8, 128, generator=g))
+        assert taken == []
+        ours(torch.randn(8, 128, generator=g))
+        assert taken == [(kind, ours)]
+        official(torch.randn(quant.DENSE_MIN_ROWS, 128, generator=g))
+        assert taken == [(kind, ours), (kind, official)]
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -335,7 +347,8 @@ needs_native = pytest.mark.skipif(
 NATIVE_ROWS = [1, 2, 3, native.INT4_TILED_MIN_ROWS, native.INT8_TILED_MIN_ROWS + 1, native.BF16_TILED_MIN_ROWS + 1, 300]
 
 
-def int4_reference(module: quant.Int4Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int4_reference(module: quant.Int4Linear, x: torch.Tensor,
+                   quantized: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x @ W.T in float64 (x quantized to int8 per block of 32 where the layer's product does that), and the bound on
     the fp32 rounding. The decode kernel sums code * x per group, then scales and adds (zero - 8 scale) * sum(x); the
     fp32 tiles hold w = code * scale + (zero - 8 scale) and sum w * x; with int8 activations each block's exact integer
@@ -343,7 +356,8 @@ def int4_reference(module: quant.Int4Linear, x: torch.Tensor) -> tuple[torch.Ten
     bounded by those terms' magnitudes, not W's: (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| +
     |zero - 8 scale|), every sum in fp32."""
     out_features, in_features, group = module.out_features, module.in_features, module.group_size
-    quantized = not module.official and len(x) >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
+    if quantized is None:   # what the AVX2 products do
+        quantized = not module.official and len(x) >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
     x64 = quantized_activations(x) if quantized else x.double()
     codes = module.unpack_codes(0, out_features).double()
     scales, zeros = (module.scales_and_zeros[..., i].double().t().repeat_interleave(group, dim=1) for i in (0, 1))
@@ -440,6 +454,95 @@ def test_native_int8_product_is_exact_products_summed_in_fp32(out_features, in_f
     w = module.dequantize(torch.float64)
     ref = x.double() @ w.t()
     assert ((y - ref).abs() <= error_bound(x.double(), w, torch.float32)).all()
+
+
+needs_amx = pytest.mark.skipif(
+    not native.amx_wanted() or not native.compiler_path(),
+    reason="the AMX products run on CPUs with AMX (Xeons from Sapphire Rapids on), torch on its AVX-512 path, built by "
+           "a C compiler")
+# below and at the dense path's crossover, tiles of 16 rows with and without a tail, the most rows they take
+AMX_ROWS = [native.AMX_MIN_ROWS_INT8, native.AMX_MIN_ROWS_INT4, 16, 17, 33, 100, native.AMX_MAX_ROWS]
+
+
+@needs_amx
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.parametrize("rows", AMX_ROWS)
+@pytest.mark.parametrize("out_features, in_features, group", [
+    (64, 64, 32), (128, 352, 32),   # fewer inner indices than a chunk (256), a chunk and a tail
+    (192, 4096, 128),               # x's rows 8 KB apart: the layout the tiles are copied out of
+    (64, 2720, 32)])                # 13696 = 4096 x 3.34's shape class: a tail chunk of 160, groups across chunks
+def test_amx_product_is_the_dense_paths_weights_summed_in_fp32(precision, rows, out_features, in_features, group):
+    """The AMX products multiply the weights the dense path dequantizes (bf16, the same values) with fp32 sums: against
+    x @ W.T in float64, within fp32's rounding of K products. The layer takes them from their first row count."""
+    assert native.amx_library() is not None
+    g = torch.Generator().manual_seed(out_features + rows)
+    module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, precision, group,
+                                   torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    first = native.AMX_MIN_ROWS_INT4 if precision == "int4" else native.AMX_MIN_ROWS_INT8
+    assert module.amx_takes(x) == (rows >= first)
+    if rows < first:
+        return
+    y = module.amx_product(x).double()
+    assert torch.equal(module(x), y.bfloat16())   # the layer's product is this one
+    w = module.dequantize(torch.bfloat16).double()
+    ref = x.double() @ w.t()
+    assert ((y - ref).abs() <= error_bound(x.double(), w, torch.float32)).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize("rows", range(1, native.AMX_MIN_ROWS_INT4))
+@pytest.mark.parametrize("out_features, in_features, group", [(64, 64, 32), (128, 4096, 128), (192, 2720, 32)])
+def test_int4_decode_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows, official):
+    """The AVX-512 decode kernel (AMX CPUs, fewer rows than the AMX product takes): bf16 activations, codes summed
+    per group in fp32 then scaled, for official checkpoints' layers too, against x @ W.T in float64."""
+    assert native.amx_library() is not None
+    g = torch.Generator().manual_seed(out_features + rows)
+    module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int4", group,
+                                   torch.bfloat16)
+    module.official = official
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    assert native.takes_int4_decode(x, module) and not module.amx_takes(x)
+    y = native.int4_decode(x, module).double()
+    assert torch.equal(module(x), y.bfloat16())   # the layer's product is this one
+    ref, bound = int4_reference(module, x, quantized=False)
+    assert ((y - ref).abs() <= bound).all(), float(((y - ref).abs() - bound).max())
+
+
+@needs_amx
+def test_without_a_c_compiler_the_amx_products_stay_off_and_the_log_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("GLM_STUDIO_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    module = quant.quantize_linear(torch.randn(64, 128) / 16, None, "int4", 32, torch.bfloat16)
+    x = torch.randn(native.AMX_MIN_ROWS_INT4, 128).bfloat16()
+    native.amx_library.cache_clear()
+    try:
+        assert native.amx_library() is None
+        assert not native.takes_int4_decode(x[:1], module) and not module.amx_takes(x)
+        for rows in (1, len(x)):   # torch's kernel (decode), the dense path
+            w = module.dequantize(torch.bfloat16).double()
+            ref = x[:rows].double() @ w.t()
+            assert ((module(x[:rows]).double() - ref).abs() <= error_bound(x[:rows].double(), w, torch.bfloat16)).all()
+        assert "AMX products unavailable, torch's kernels run instead" in caplog.text and "no-such-cc" in caplog.text
+    finally:
+        native.amx_library.cache_clear()   # the next use builds with the real compiler again
+
+
+@needs_amx
+def test_amx_products_leave_what_they_cannot_take_to_the_other_paths():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 96, generator=g).bfloat16()
+    int4 = quant.quantize_linear(torch.randn(96, 96, generator=g), None, "int4", 32, torch.bfloat16)   # 1.5 blocks
+    int8 = quant.quantize_linear(torch.randn(48, 96, generator=g), None, "int8", activation_dtype=torch.bfloat16)
+    exact = quant.quantize_linear(torch.randn(64, 96, generator=g), None, "int8")   # fp32 input: the official arithmetic
+    more = torch.randn(native.AMX_MAX_ROWS + 1, 96, generator=g).bfloat16()
+    takes_int8 = quant.quantize_linear(torch.randn(64, 96, generator=g), None, "int8", activation_dtype=torch.bfloat16)
+    assert not int4.amx_takes(x) and not int8.amx_takes(x) and not exact.amx_takes(x.float())
+    assert takes_int8.amx_takes(x) and not takes_int8.amx_takes(more)
+    for module in (int4, int8):
+        w = module.dequantize(torch.bfloat16).double()
+        assert ((module(x).double() - x.double() @ w.t()).abs() <= error_bound(x.double(), w, torch.bfloat16)).all()
 
 
 @needs_native

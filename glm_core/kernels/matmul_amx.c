@@ -1,0 +1,328 @@
+/* int4 and int8 products on CPUs with AMX (see glm_core/native.py). The last section is int4's decode (a few rows),
+ * in AVX-512 without AMX. The others: a prompt's rows, or a batch of decoding rows,
+ * multiply weights dequantized to bf16 by AMX's bf16 tile product, with fp32 sums. Each thread takes 32 output
+ * columns at a time and dequantizes them CHUNK inner indices at a time into a buffer that stays in L1, which every
+ * block of 32 rows then multiplies: the weights are read once, and no dequantized copy goes through memory (or L2:
+ * a whole dequantized panel there cost as much again as making it). The weights' values are exactly those of
+ * int4_dequantize_bf16 and int8_dequantize_bf16 (matmul_avx2.c): only the order of the sums differs from the
+ * dequantize-then-GEMM path.
+ *
+ * Tiles: 4 sums of 16 x 16 fp32, 2 left operands of 16 rows x 32 bf16, 2 right operands of 16 pairs of rows
+ * (AMX's "VNNI" layout: row j holds, for each of 16 columns, the pair (2j, 2j + 1) of the product's inner index).
+ * int4 (stored a row of 64 columns per inner index) pairs two such rows into the right operand; x's rows are
+ * the left one. int8 (stored a row per output column) is the left operand as it is, and x, paired once, the right
+ * one: the sums are out.T's. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+/* 0 once the kernel may use AMX: Linux hands out the tile state only to processes that ask for it */
+int amx_init(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -1;
+}
+
+static void configure_tiles(void) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+    _tile_loadconfig(&config);
+}
+
+#define CHUNK 256   /* inner indices dequantized at a time: 2 x 16 columns x 256 bf16 = 16 KB */
+
+typedef struct {
+    const void *w;                /* int4: torch's AVX-512 layout; int8: [n][ldw] */
+    const uint16_t *scales;       /* int4: [k / group][n][2] (scale, zero); int8: [n] */
+    int n, k, group, ldw, int8;
+} weights;
+
+/* int4: columns [32 p, 32 p + 32) of W, inner indices [k0, k1), in torch's AVX-512 layout (blocks of 64 rows, each
+ * [k][32] bytes, the low nibble of byte j row j, the high nibble row 32 + j) as two right operands [2][(k1 - k0) / 2][16][2] bf16: w = (code - 8) * scale + zero, rounded once to fp32 and once to
+ * bf16. Each step pairs the codes of k and k + 1 byte by byte: one fma and half a conversion make a weight. */
+static void int4_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1) {
+    int rows = k1 - k0, shift = 4 * (p % 2);   /* these 32 columns are one nibble of their block's 32 bytes */
+    const uint8_t *codes = (const uint8_t *)W->w + (size_t)(p / 2) * W->k * 32;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+    const __m512i first8 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i last8 = _mm512_add_epi32(first8, _mm512_set1_epi32(8));
+    __m512 scale[4], zero[4];   /* [2 t + h]: columns 8 h .. 8 h + 7 of tile t, each twice (k and k + 1) */
+    for (int g0 = k0; g0 < k1; g0 = (g0 / W->group + 1) * W->group) {
+        for (int t = 0; t < 2; t++) {
+            const uint16_t *pairs = W->scales + ((size_t)(g0 / W->group) * W->n + p * 32 + t * 16) * 2;
+            __m512i both = _mm512_loadu_si512(pairs);
+            __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
+            __m512 z = _mm512_castsi512_ps(_mm512_and_si512(both, _mm512_set1_epi32((int)0xFFFF0000)));
+            scale[2 * t] = _mm512_permutexvar_ps(first8, s), scale[2 * t + 1] = _mm512_permutexvar_ps(last8, s);
+            zero[2 * t] = _mm512_permutexvar_ps(first8, z), zero[2 * t + 1] = _mm512_permutexvar_ps(last8, z);
+        }
+        int g1 = (g0 / W->group + 1) * W->group;
+        for (int kk = g0; kk < k1 && kk < g1; kk += 2) {
+            __m256i both[2];   /* codes - 8 of k and k + 1, in column order */
+            for (int i = 0; i < 2; i++) {
+                const uint8_t *row = codes + (size_t)(kk + i) * 32;
+                _mm_prefetch((const char *)row + 8192, _MM_HINT_T0);   /* 1.5x: the stream stalls at every chunk */
+                __m256i c = _mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)row), shift);
+                both[i] = _mm256_sub_epi8(_mm256_and_si256(c, low4), eight);
+            }
+            /* per 128-bit lane (columns 0-15, then 16-31): columns 0-7 paired with k + 1's, then columns 8-15 */
+            __m256i first = _mm256_unpacklo_epi8(both[0], both[1]), last = _mm256_unpackhi_epi8(both[0], both[1]);
+            for (int t = 0; t < 2; t++) {
+                __m128i a = t ? _mm256_extracti128_si256(first, 1) : _mm256_castsi256_si128(first);
+                __m128i b = t ? _mm256_extracti128_si256(last, 1) : _mm256_castsi256_si128(last);
+                __m512 va = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), scale[2 * t], zero[2 * t]);
+                __m512 vb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scale[2 * t + 1],
+                                            zero[2 * t + 1]);
+                _mm512_storeu_si512(chunk + (size_t)t * rows * 16 + (size_t)(kk - k0) * 16,
+                                    (__m512i)_mm512_cvtne2ps_pbh(vb, va));
+            }
+        }
+    }
+}
+
+/* int8: columns [32 p, 32 p + 32) of W int8 [n][ldw] with bf16 scales [n], inner indices [k0, k1), as two left
+ * operands [2][(k1 - k0) / 32][16][32] bf16: w = q * scale rounded once to bf16 */
+static void int8_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1) {
+    int rows = k1 - k0;
+    for (int c = 0; c < 32; c++) {
+        const int8_t *src = (const int8_t *)W->w + (size_t)(p * 32 + c) * W->ldw;
+        __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32((int)((uint32_t)W->scales[p * 32 + c] << 16)));
+        uint16_t *dst = chunk + (size_t)(c / 16) * rows * 16 + (c % 16) * 32;
+        for (int kk = k0; kk < k1; kk += 32) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(src + kk));
+            _mm_prefetch((const char *)(src + kk + CHUNK), _MM_HINT_T0);   /* this row's next chunk */
+            __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+            __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+            _mm512_storeu_si512(dst + (size_t)(kk - k0) * 16,
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(high, scale), _mm512_mul_ps(low, scale)));
+        }
+    }
+}
+
+/* out [m][n] fp32 = x W.T, xs being x as tiles (x_tiles). Sums of rows [r + 16 h, r + 16 h + 16) and columns
+ * [16 c, 16 c + 16) of the 32 columns are tile 2 h + c; between chunks they wait in acc ([mp][32], or out.T's
+ * [32][mp] for int8), except when one
+ * block of rows keeps them in the tiles throughout. */
+static int product(const weights *W, const uint16_t *xs, int m, int mp, float *out) {
+    int n = W->n, k = W->k, failed = 0;
+#pragma omp parallel
+    {
+        uint16_t *chunk = aligned_alloc(64, CHUNK * 32 * sizeof(uint16_t));
+        float *acc = aligned_alloc(64, (size_t)mp * 32 * sizeof(float));
+        if (chunk == NULL || acc == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        configure_tiles();
+        int resident = mp <= 32, ld = W->int8 ? mp * 4 : 128;
+#define ACC(h, c) (W->int8 ? acc + (size_t)16 * (c) * mp + r + 16 * (h) : acc + (size_t)(r + 16 * (h)) * 32 + 16 * (c))
+#pragma omp for schedule(static)
+        for (int p = 0; p < n / 32; p++) {
+            if (chunk == NULL || acc == NULL) continue;
+            for (int k0 = 0; k0 < k; k0 += CHUNK) {
+                int k1 = k0 + CHUNK < k ? k0 + CHUNK : k, rows = k1 - k0;
+                (W->int8 ? int8_chunk : int4_chunk)(W, chunk, p, k0, k1);
+                for (int r = 0; r < mp; r += 32) {
+                    int two = r + 16 < mp;
+                    if (k0 == 0) {
+                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    } else if (!resident) {
+                        _tile_loadd(0, ACC(0, 0), ld); _tile_loadd(1, ACC(0, 1), ld);
+                        if (two) { _tile_loadd(2, ACC(1, 0), ld); _tile_loadd(3, ACC(1, 1), ld); }
+                    }
+                    for (int s = 0; s < rows; s += 32) {
+                        const uint16_t *x = xs + ((size_t)r / 16 * (k / 32) + (k0 + s) / 32) * 512;
+                        const uint16_t *x2 = x + (size_t)k * 16;   /* the next 16 rows' tile */
+                        if (W->int8) {   /* W's rows left, x's pairs right: sums of out.T */
+                            _tile_loadd(4, chunk + (size_t)s * 16, 64);
+                            _tile_loadd(5, chunk + (size_t)rows * 16 + (size_t)s * 16, 64);
+                            _tile_loadd(6, x, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(1, 5, 6);
+                            if (two) {
+                                _tile_loadd(7, x2, 64);
+                                _tile_dpbf16ps(2, 4, 7);
+                                _tile_dpbf16ps(3, 5, 7);
+                            }
+                        } else {         /* x's rows left, W's pairs right */
+                            _tile_loadd(6, chunk + (size_t)s * 16, 64);
+                            _tile_loadd(7, chunk + (size_t)rows * 16 + (size_t)s * 16, 64);
+                            _tile_loadd(4, x, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(1, 4, 7);
+                            if (two) {
+                                _tile_loadd(5, x2, 64);
+                                _tile_dpbf16ps(2, 5, 6);
+                                _tile_dpbf16ps(3, 5, 7);
+                            }
+                        }
+                    }
+                    if (!resident || k1 == k) {
+                        _tile_stored(0, ACC(0, 0), ld); _tile_stored(1, ACC(0, 1), ld);
+                        if (two) { _tile_stored(2, ACC(1, 0), ld); _tile_stored(3, ACC(1, 1), ld); }
+                    }
+                }
+            }
+            for (int r = 0; r < m; r++)
+                for (int c = 0; c < 32; c++)
+                    out[(size_t)r * n + p * 32 + c] = W->int8 ? acc[(size_t)c * mp + r] : acc[r * 32 + c];
+        }
+#undef ACC
+        _tile_release();
+        free(chunk);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
+/* x [m][k] bf16 as [mp / 16][k / 32] tiles of 1 KB, zeros below row m: int4's left operands (16 rows x 32), or
+ * int8's right ones (pairs: 16 x 16 dwords, pair j of row i at [j][i]). A tile read straight from x would take
+ * 16 rows 2 k bytes apart, which share an L1 set whenever k is a multiple of 2048: every load went to L2. */
+static uint16_t *x_tiles(const uint16_t *x, int m, int mp, int k, int pairs) {
+    uint16_t *tiles = aligned_alloc(64, (size_t)mp * k * sizeof(uint16_t));
+    if (tiles == NULL) return NULL;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < mp / 16 * (k / 32); t++) {
+        int r = t / (k / 32) * 16, kk = t % (k / 32) * 32;
+        uint16_t *tile = tiles + (size_t)t * 512;
+        for (int i = 0; i < 16; i++) {
+            for (int j = 0; j < 32; j++) {
+                uint16_t v = r + i < m ? x[(size_t)(r + i) * k + kk + j] : 0;
+                tile[pairs ? (j / 2) * 32 + i * 2 + j % 2 : i * 32 + j] = v;
+            }
+        }
+    }
+    return tiles;
+}
+
+static int product_of(const weights *W, const uint16_t *x, int m, float *out) {
+    int mp = (m + 15) / 16 * 16;
+    uint16_t *tiles = x_tiles(x, m, mp, W->k, W->int8);
+    if (tiles == NULL) return -1;
+    int rc = product(W, tiles, m, mp, out);
+    free(tiles);
+    return rc;
+}
+
+/* x [m][k] bf16 @ W.T -> out [m][n] fp32, W int4 in torch's AVX-512 layout with bf16 scales and zeros
+ * [k / group][n][2]; n a multiple of 64, k of 32, group even. 0, or -1 when out of memory. */
+int int4_matmul_amx(const uint16_t *x, int m, const uint8_t *w, const uint16_t *scales_zeros, float *out, int n,
+                    int k, int group) {
+    weights W = {w, scales_zeros, n, k, group, 0, 0};
+    return product_of(&W, x, m, out);
+}
+
+/* x [m][k] bf16 @ W.T -> out [m][n] fp32, W int8 [n][ldw] (ldw >= k) with bf16 scales [n]; n a multiple of 32, k
+ * of 32. 0, or -1 when out of memory. */
+int int8_matmul_amx(const uint16_t *x, int m, const int8_t *w, const uint16_t *scales, float *out, int n, int k,
+                    int ldw) {
+    weights W = {w, scales, n, k, 0, ldw, 1};
+    return product_of(&W, x, m, out);
+}
+
+/* Decode: 1 to 4 rows against int4 weights in torch's AVX-512 layout, in fp32. w = code * scale + (zero - 8 scale):
+ * codes are summed against x per group, then scaled, and (zero - 8 scale) times x's sum over the group added. The
+ * high nibbles are read in place as 16 x code (exact) and their scale divided by 16 (exact). */
+static inline void scale_offset(const uint32_t *pairs, int i, __m512 *scale, __m512 *offset) {
+    __m512i p = _mm512_loadu_si512(pairs + 16 * i);
+    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+    *offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s,
+                               _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xFFFF0000u))));
+    *scale = i >= 2 ? _mm512_mul_ps(s, _mm512_set1_ps(1.f / 16)) : s;
+}
+
+/* One block of 64 output columns for ROWS (1 to 4) rows of x (fp32, with their sums per group); the block's
+ * sums so far wait in y between groups */
+#define INT4_DECODE(ROWS)                                                                                       \
+    static void int4_decode_##ROWS(const uint8_t *codes, const uint32_t *pairs, const float *xf,              \
+                                   const float *gsum, float *y, int n, int k, int group) {                     \
+        const __m512i low4 = _mm512_set1_epi32(0x0F), high4 = _mm512_set1_epi32(0xF0);                        \
+        for (int m = 0; m < ROWS; m++)                                                                         \
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + (size_t)m * n + 16 * i, _mm512_setzero_ps());     \
+        for (int g = 0; g < k / group; g++) {                                                                  \
+            __m512 acc[ROWS][4];   /* columns 0-15, 16-31, 16 x (32-47), 16 x (48-63) */                       \
+            for (int m = 0; m < ROWS; m++)                                                                     \
+                for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();                                   \
+            for (int kk = g * group; kk < (g + 1) * group; kk++) {                                             \
+                const uint8_t *at = codes + (size_t)kk * 32;                                                   \
+                _mm_prefetch((const char *)(at + 4096), _MM_HINT_T0);                                          \
+                __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at));                       \
+                __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(at + 16)));                \
+                __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b0, low4));                                    \
+                __m512 w1 = _mm512_cvtepi32_ps(_mm512_and_si512(b1, low4));                                    \
+                __m512 w2 = _mm512_cvtepi32_ps(_mm512_and_si512(b0, high4));                                   \
+                __m512 w3 = _mm512_cvtepi32_ps(_mm512_and_si512(b1, high4));                                   \
+                for (int m = 0; m < ROWS; m++) {                                                               \
+                    __m512 xb = _mm512_set1_ps(xf[(size_t)m * k + kk]);                                        \
+                    acc[m][0] = _mm512_fmadd_ps(w0, xb, acc[m][0]);                                            \
+                    acc[m][1] = _mm512_fmadd_ps(w1, xb, acc[m][1]);                                            \
+                    acc[m][2] = _mm512_fmadd_ps(w2, xb, acc[m][2]);                                            \
+                    acc[m][3] = _mm512_fmadd_ps(w3, xb, acc[m][3]);                                            \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int i = 0; i < 4; i++) {                                                                      \
+                __m512 scale, offset;                                                                          \
+                scale_offset(pairs + (size_t)g * n, i, &scale, &offset);                                       \
+                for (int m = 0; m < ROWS; m++) {                                                               \
+                    float *at = y + (size_t)m * n + 16 * i;                                                    \
+                    __m512 xs = _mm512_set1_ps(gsum[m * (k / group) + g]);                                     \
+                    _mm512_storeu_ps(at, _mm512_fmadd_ps(scale, acc[m][i],                                     \
+                                                         _mm512_fmadd_ps(offset, xs, _mm512_loadu_ps(at))));   \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+INT4_DECODE(1)
+INT4_DECODE(2)
+INT4_DECODE(3)
+INT4_DECODE(4)
+
+/* y [rows][n] fp32 = x [rows][k] bf16 @ W.T, W int4 in torch's AVX-512 layout with bf16 scales and zeros
+ * [k / group][n][2]; n a multiple of 64, k of group. Rows four at a time in each block of columns, which stays in
+ * L2 between them. 0, or -1 when out of memory. */
+int int4_decode(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n, int k,
+                int group) {
+    float *xf = malloc(sizeof(float) * ((size_t)rows * k + (size_t)rows * (k / group)));
+    if (xf == NULL) return -1;
+    float *gsum = xf + (size_t)rows * k;
+    for (int m = 0; m < rows; m++) {
+        for (int i = 0; i < k; i++) {
+            uint32_t bits = (uint32_t)x[(size_t)m * k + i] << 16;
+            memcpy(xf + (size_t)m * k + i, &bits, 4);
+        }
+        for (int g = 0; g < k / group; g++) {
+            float sum = 0.f;
+            for (int i = 0; i < group; i++) sum += xf[(size_t)m * k + g * group + i];
+            gsum[m * (k / group) + g] = sum;
+        }
+    }
+    const uint32_t *pairs = (const uint32_t *)scales_zeros;
+#pragma omp parallel for schedule(static)
+    for (int block = 0; block < n / 64; block++) {
+        const uint8_t *codes = w + (size_t)block * k * 32;
+        for (int m = 0; m < rows; m += 4) {
+            const float *xm = xf + (size_t)m * k, *gm = gsum + m * (k / group);
+            float *ym = y + (size_t)m * n + block * 64;
+            switch (rows - m) {
+                case 1: int4_decode_1(codes, pairs + block * 64, xm, gm, ym, n, k, group); break;
+                case 2: int4_decode_2(codes, pairs + block * 64, xm, gm, ym, n, k, group); break;
+                case 3: int4_decode_3(codes, pairs + block * 64, xm, gm, ym, n, k, group); break;
+                default: int4_decode_4(codes, pairs + block * 64, xm, gm, ym, n, k, group);
+            }
+        }
+    }
+    free(xf);
+    return 0;
+}
