@@ -35,7 +35,7 @@ int amx_init(void) {
 
 static void configure_tiles(void) {
     tile_config config;
-    memset(&config, 0, sizeof config);
+    memset(&config, 0, sizeof config);   /* every byte: a partly uninitialized config faults in ldtilecfg */
     config.palette = 1;
     for (int t = 0; t < 8; t++) config.rows[t] = 16, config.bytes_per_row[t] = 64;
     _tile_loadconfig(&config);
