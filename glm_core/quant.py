@@ -17,9 +17,9 @@ every row count int4 has and int8 has from INT8_TILED_MIN_ROWS on (and at one ro
 kernels in decode, 1.2-1.9x faster than the dense path in prefill. On CPUs with AMX bf16 input from a few rows up to
 native.AMX_MAX_ROWS (batched decode, short prompts, a prompt read beside running replies) takes GLM Studio's AMX
 products, which dequantize in tiles that stay in L1 (2-3x faster than torch's kernels and the dense path from 8 to
-128 rows; official checkpoints' layers only where the dense path would run). Otherwise fewer than dense_min_rows()
-rows in bf16/fp16 (decode) take torch's fused kernel; more rows (prefill) and fp32 take the dense path, which dequantizes
-DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16 where the CPU has native bf16 (by glm_core.native's
+128 rows; official checkpoints' layers only where the dense path would run), and fewer int4 rows its AVX-512 decode
+kernel. Otherwise fewer than dense_min_rows() rows in bf16/fp16 (decode) take torch's fused kernel; more rows
+(prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16 where the CPU has native bf16 (by glm_core.native's
 one-pass kernels where the CPU has AVX2, 2-4x faster than elementwise torch), else in fp32, which there beats both
 the fused kernels and a bf16 GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's
 on AMD CPUs, matmul_fp32). On CUDA int4 runs the bf16 tinygemm kernel; int8 dequantizes and matmuls in the input

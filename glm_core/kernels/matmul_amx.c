@@ -50,8 +50,9 @@ typedef struct {
 } weights;
 
 /* int4: columns [32 p, 32 p + 32) of W, inner indices [k0, k1), in torch's AVX-512 layout (blocks of 64 rows, each
- * [k][32] bytes, the low nibble of byte j row j, the high nibble row 32 + j) as two right operands [2][(k1 - k0) / 2][16][2] bf16: w = (code - 8) * scale + zero, rounded once to fp32 and once to
- * bf16. Each step pairs the codes of k and k + 1 byte by byte: one fma and half a conversion make a weight. */
+ * [k][32] bytes, the low nibble of byte j row j, the high nibble row 32 + j) as two right operands
+ * [2][(k1 - k0) / 2][16][2] bf16: w = (code - 8) * scale + zero, rounded once to fp32 and once to bf16. Each step pairs
+ * the codes of k and k + 1 byte by byte: one fma and half a conversion make a weight. */
 static void int4_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1) {
     int rows = k1 - k0, shift = 4 * (p % 2);   /* these 32 columns are one nibble of their block's 32 bytes */
     const uint8_t *codes = (const uint8_t *)W->w + (size_t)(p / 2) * W->k * 32;
@@ -111,23 +112,27 @@ static void int8_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1)
     }
 }
 
-/* out [m][n] fp32 = x W.T, xs being x as tiles (x_tiles). Sums of rows [r + 16 h, r + 16 h + 16) and columns
- * [16 c, 16 c + 16) of the 32 columns are tile 2 h + c; between chunks they wait in acc ([mp][32], or out.T's
- * [32][mp] for int8), except when one
- * block of rows keeps them in the tiles throughout. */
+/* out [m][n] fp32 = x W.T, xs being x as tiles (x_tiles, mp rows: a multiple of 16). Per block of 32 rows and per
+ * chunk, tiles 4-5 are the left operands and 6-7 the right ones, and sum tile t = left t / 2 x right t % 2: for
+ * int4 rows [16 (t / 2)] x columns [16 (t % 2)] of the block, for int8 (out.T's) columns [16 (t / 2)] x rows
+ * [16 (t % 2)], stored as it is (a 16 x 16 block of out.T). Between chunks the sums wait in acc ([mp][32]), except
+ * when one block of rows keeps them in the tiles throughout. */
 static int product(const weights *W, const uint16_t *xs, int m, int mp, float *out) {
     int n = W->n, k = W->k, failed = 0;
 #pragma omp parallel
     {
         uint16_t *chunk = aligned_alloc(64, CHUNK * 32 * sizeof(uint16_t));
-        float *acc = aligned_alloc(64, (size_t)mp * 32 * sizeof(float));
+        float *acc = aligned_alloc(64, (size_t)(mp + 16) * 32 * sizeof(float));   /* whole blocks of 32 rows */
         if (chunk == NULL || acc == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
         configure_tiles();
-        int resident = mp <= 32, ld = W->int8 ? mp * 4 : 128;
-#define ACC(h, c) (W->int8 ? acc + (size_t)16 * (c) * mp + r + 16 * (h) : acc + (size_t)(r + 16 * (h)) * 32 + 16 * (c))
+        int resident = mp <= 32;
+        /* sum tile t of the block of rows from r: where it goes in acc (rows of 32 floats, 128 bytes) */
+#define ROWS_OF(t) (W->int8 ? 16 * ((t) % 2) : 16 * ((t) / 2))
+#define COLUMNS_OF(t) (W->int8 ? 16 * ((t) / 2) : 16 * ((t) % 2))
+#define ACC(t) (acc + (size_t)(r + ROWS_OF(t)) * 32 + COLUMNS_OF(t))
 #pragma omp for schedule(static)
         for (int p = 0; p < n / 32; p++) {
             if (chunk == NULL || acc == NULL) continue;
@@ -135,51 +140,48 @@ static int product(const weights *W, const uint16_t *xs, int m, int mp, float *o
                 int k1 = k0 + CHUNK < k ? k0 + CHUNK : k, rows = k1 - k0;
                 (W->int8 ? int8_chunk : int4_chunk)(W, chunk, p, k0, k1);
                 for (int r = 0; r < mp; r += 32) {
-                    int two = r + 16 < mp;
                     if (k0 == 0) {
                         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                     } else if (!resident) {
-                        _tile_loadd(0, ACC(0, 0), ld); _tile_loadd(1, ACC(0, 1), ld);
-                        if (two) { _tile_loadd(2, ACC(1, 0), ld); _tile_loadd(3, ACC(1, 1), ld); }
+                        _tile_loadd(0, ACC(0), 128); _tile_loadd(1, ACC(1), 128);
+                        _tile_loadd(2, ACC(2), 128); _tile_loadd(3, ACC(3), 128);
                     }
-                    for (int s = 0; s < rows; s += 32) {
-                        const uint16_t *x = xs + ((size_t)r / 16 * (k / 32) + (k0 + s) / 32) * 512;
-                        const uint16_t *x2 = x + (size_t)k * 16;   /* the next 16 rows' tile */
-                        if (W->int8) {   /* W's rows left, x's pairs right: sums of out.T */
-                            _tile_loadd(4, chunk + (size_t)s * 16, 64);
-                            _tile_loadd(5, chunk + (size_t)rows * 16 + (size_t)s * 16, 64);
-                            _tile_loadd(6, x, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 5, 6);
-                            if (two) {
-                                _tile_loadd(7, x2, 64);
-                                _tile_dpbf16ps(2, 4, 7);
-                                _tile_dpbf16ps(3, 5, 7);
-                            }
-                        } else {         /* x's rows left, W's pairs right */
-                            _tile_loadd(6, chunk + (size_t)s * 16, 64);
-                            _tile_loadd(7, chunk + (size_t)rows * 16 + (size_t)s * 16, 64);
-                            _tile_loadd(4, x, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
-                            if (two) {
-                                _tile_loadd(5, x2, 64);
-                                _tile_dpbf16ps(2, 5, 6);
-                                _tile_dpbf16ps(3, 5, 7);
-                            }
+                    /* x's two tiles of 16 rows and the chunk's two tiles of 16 columns: each 1 KB a step */
+                    const uint16_t *x0 = xs + ((size_t)r / 16 * (k / 32) + k0 / 32) * 512, *x1 = x0 + (size_t)k * 16;
+                    const uint16_t *w0 = chunk, *w1 = chunk + (size_t)rows * 16;
+                    const uint16_t *left0 = W->int8 ? w0 : x0, *left1 = W->int8 ? w1 : x1;
+                    const uint16_t *right0 = W->int8 ? x0 : w0, *right1 = W->int8 ? x1 : w1;
+                    int two = r + 16 < mp;   /* else x's second tile (int4's left1, int8's right1) is past its end */
+                    for (int s = 0; s < rows; s += 32, left0 += 512, left1 += 512, right0 += 512, right1 += 512) {
+                        _tile_loadd(4, left0, 64);
+                        _tile_loadd(6, right0, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        if (two || W->int8) {
+                            _tile_loadd(5, left1, 64);
+                            _tile_dpbf16ps(2, 5, 6);
                         }
+                        if (two || !W->int8) {
+                            _tile_loadd(7, right1, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                        }
+                        if (two) _tile_dpbf16ps(3, 5, 7);
                     }
                     if (!resident || k1 == k) {
-                        _tile_stored(0, ACC(0, 0), ld); _tile_stored(1, ACC(0, 1), ld);
-                        if (two) { _tile_stored(2, ACC(1, 0), ld); _tile_stored(3, ACC(1, 1), ld); }
+                        _tile_stored(0, ACC(0), 128); _tile_stored(1, ACC(1), 128);
+                        _tile_stored(2, ACC(2), 128); _tile_stored(3, ACC(3), 128);
                     }
                 }
             }
-            for (int r = 0; r < m; r++)
-                for (int c = 0; c < 32; c++)
-                    out[(size_t)r * n + p * 32 + c] = W->int8 ? acc[(size_t)c * mp + r] : acc[r * 32 + c];
+            for (int r = 0; r < m; r++)   /* int8's 16 x 16 blocks are out.T's: each read across */
+                for (int c = 0; c < 32; c++) {
+                    size_t at = W->int8 ? (size_t)(r / 16 * 16 + c % 16) * 32 + c / 16 * 16 + r % 16
+                                        : (size_t)r * 32 + c;
+                    out[(size_t)r * n + p * 32 + c] = acc[at];
+                }
         }
 #undef ACC
+#undef COLUMNS_OF
+#undef ROWS_OF
         _tile_release();
         free(chunk);
         free(acc);
@@ -187,9 +189,9 @@ static int product(const weights *W, const uint16_t *xs, int m, int mp, float *o
     return failed ? -1 : 0;
 }
 
-/* x [m][k] bf16 as [mp / 16][k / 32] tiles of 1 KB, zeros below row m: int4's left operands (16 rows x 32), or
- * int8's right ones (pairs: 16 x 16 dwords, pair j of row i at [j][i]). A tile read straight from x would take
- * 16 rows 2 k bytes apart, which share an L1 set whenever k is a multiple of 2048: every load went to L2. */
+/* x [m][k] bf16 as [mp / 16][k / 32] tiles of 1 KB, zeros from row m to mp (a multiple of 16): int4's left operands
+ * (16 rows x 32), or int8's right ones (pairs: 16 x 16 dwords, pair j of row i at [j][i]). A tile read straight from x
+ * would take 16 rows 2 k bytes apart, which share an L1 set whenever k is a multiple of 2048. */
 static uint16_t *x_tiles(const uint16_t *x, int m, int mp, int k, int pairs) {
     uint16_t *tiles = aligned_alloc(64, (size_t)mp * k * sizeof(uint16_t));
     if (tiles == NULL) return NULL;
