@@ -207,11 +207,12 @@ def test_closing_the_tab_during_a_load_loses_nothing(server, chromium):
 def test_a_page_opened_during_a_load_offers_load_again_once_it_ends(chromium):
     with streamlit_server() as url:   # the first visit starts the start-up model's load: this page sees it running
         page = open_page(chromium, url, "models", operator=True)
-        load = page.get_by_role("button", name="Load", exact=True)
-        expect(page.get_by_text("Loading smollm2-135m-instruct")).to_be_visible(timeout=30_000)
-        expect(load).to_be_disabled()
+        # the bar and a disabled Load in one frame (checked at every frame: the load may take only a second or two)
+        page.wait_for_function("""() => document.body.innerText.includes('Loading smollm2-135m-instruct')
+            && [...document.querySelectorAll('button')].some(b => b.innerText.trim().endsWith('Load') && b.disabled)""",
+                               polling="raf", timeout=30_000)
         expect(page.get_by_test_id("stAlert").filter(has_text="fp32")).to_contain_text("Loaded", timeout=LONG)
-        expect(load).to_be_enabled(timeout=30_000)
+        expect(page.get_by_role("button", name="Load", exact=True)).to_be_enabled(timeout=30_000)
 
 
 def test_screenshots_of_the_other_pages(server, chromium):
