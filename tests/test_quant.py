@@ -338,8 +338,8 @@ def test_modules_hold_no_float_copy_of_the_weight(precision, ratio):
 
 needs_native = pytest.mark.skipif(
     not native.runs_products() or not native.compiler_path(),
-    reason="the AVX2 products run on torch's AVX2 path only (an AVX-512 machine runs this module again there), "
-           "built by a C compiler")
+    reason="the AVX2 products run on torch's AVX2 path only (an AVX-512 machine runs this module there: "
+           "test_avx2_path), built by a C compiler")
 
 
 # decode kernels, the tiled products (remainders of their 6-row micro-kernels, int4's 4-row ones), more rows than the
@@ -716,18 +716,6 @@ def test_the_sweep_catches_the_unpadded_int8_kernel():
              for i, (out, official, rows) in enumerate(itertools.product((64, 96), (False, True), (2, 5)))]
     _, results = run_sweep(cases, threads=2)
     assert all(not r.startswith("ok") for r in results.values()), results
-
-
-@pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")) or torch.backends.cpu.get_cpu_capability() != "AVX512",
-                    reason="the AVX2 kernel path is forced from an AVX-512 machine; on AVX2 it is the default run")
-def test_quantization_and_model_tests_pass_on_the_avx2_kernel_path():
-    """torch dispatches the int8/int4 kernels, and attention, by CPU capability: run this module and the models' again
-    on the AVX2 path (on an AMX CPU torch's bf16 flash attention failed there: model.flash_attention_fails)."""
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_quant.py",
-                            "tests/test_quant_checkpoints.py", "tests/test_model_v1.py", "tests/test_model_v2v3.py"],
-                           cwd=ROOT, capture_output=True, text=True,
-                           timeout=900, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
 
 
 @pytest.mark.parametrize("pad_min_weights", [0, quant.PAD_MIN_WEIGHTS])
