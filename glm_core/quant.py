@@ -19,12 +19,12 @@ native.AMX_MAX_ROWS (batched decode, short prompts, a prompt read beside running
 products, which dequantize in tiles that stay in L1 (2-3x faster than torch's kernels and the dense path from 8 to
 128 rows; official checkpoints' layers only where the dense path would run), and fewer int4 rows its AVX-512 decode
 kernel. Otherwise fewer than dense_min_rows() rows in bf16/fp16 (decode) take torch's fused kernel; more rows
-(prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16 where the CPU has native bf16 (by glm_core.native's
-one-pass kernels where the CPU has AVX2, 2-4x faster than elementwise torch), else in fp32, which there beats both
-the fused kernels and a bf16 GEMM (measured 1.7x / 5x at 512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's
-on AMD CPUs, matmul_fp32). On CUDA int4 runs the bf16 tinygemm kernel; int8 dequantizes and matmuls in the input
-dtype, because the CUDA `_weight_int8pack_mm` (torch 2.11, H100) was 9x slower than that for one row and 600x for
-512.
+(prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16
+where the CPU has native bf16 (by glm_core.native's one-pass kernels where the CPU has AVX2, 2-4x faster than
+elementwise torch), else in fp32, which there beats both the fused kernels and a bf16 GEMM (measured 1.7x / 5x at
+512 rows on a 2-core AVX2 EPYC; the fp32 GEMM is oneDNN's on AMD CPUs, matmul_fp32). On CUDA int4 runs the bf16
+tinygemm kernel; int8 dequantizes and matmuls in the input dtype, because the CUDA `_weight_int8pack_mm` (torch
+2.11, H100) was 9x slower than that for one row and 600x for 512.
 
 Scales and zeros are kept in the activation dtype (else the input's), so the kernels take them as they are;
 they follow `module.to(dtype)` like the bias, so cast a model before quantizing it, not after.
