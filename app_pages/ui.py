@@ -35,12 +35,16 @@ def is_operator() -> bool:
 
 def sign_in(given: str, operator_only: bool = False) -> bool:
     """Check a password (with the per-client slow-down) and take the role it gives; say why on failure."""
-    role, wait = runtime.access().sign_in(client_address(), given, operator_only)
+    access, client = runtime.access(), client_address()
+    refused = access.guesses.wait_s(client) > 0   # tried inside the wait earlier guesses earned: not checked
+    role, wait = access.sign_in(client, given, operator_only)
     if role is not None:
         st.session_state.role = role
         return True
-    if wait > 0:
+    if refused:
         st.error(f"Too many wrong passwords from this address: try again in {wait:.0f} s.")
+    elif wait > 0:   # checked, and the last free guess: the wait starts now
+        st.error(f"Wrong password. You can try again in {wait:.0f} s.")
     else:
         st.error("Wrong password.")
     return False

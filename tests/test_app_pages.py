@@ -6,6 +6,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app.access import FREE_GUESSES
 from app.safe_markdown import plain_text
 from conftest import ROOT
 from glm_core import GenerationParams
@@ -191,6 +192,29 @@ def test_password_gate(monkeypatch):
     assert not any("**Model**" in m.value for m in at.markdown)
     at.text_input[0].set_value("s3cret")
     at.button[0].click().run()
+    assert any("**Model**" in m.value for m in at.markdown)
+
+
+def test_the_last_free_wrong_password_is_called_wrong_and_the_next_try_refused(monkeypatch):
+    """The guess that starts the wait was checked: it says so, with the wait; a try inside the wait is refused."""
+    clock = [5000.0]
+    monkeypatch.setattr("app.access.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("app_pages.ui.client_address", lambda: "10.9.8.7")   # AppTest's address is new each run
+    monkeypatch.setenv("GLM_STUDIO_PASSWORD", "s3cret")
+    at = app()
+    for i in range(FREE_GUESSES):
+        at.text_input[0].set_value(f"wrong {i}")
+        at.button[0].click().run()
+        errors = [e.value for e in at.error]
+        assert errors and errors[-1].startswith("Wrong password."), errors
+    assert "try again in 1 s" in errors[-1]
+    at.text_input[0].set_value("s3cret")
+    at.button[0].click().run()
+    assert any("Too many wrong passwords" in e.value for e in at.error)
+    assert not any("**Model**" in m.value for m in at.markdown)
+    clock[0] += 1.01
+    at.text_input[0].set_value("s3cret")
+    at.button[0].click().run()   # right, after the wait: the count starts again
     assert any("**Model**" in m.value for m in at.markdown)
 
 
