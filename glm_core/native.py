@@ -19,9 +19,13 @@ AMX_MAX_ROWS rows run kernels/matmul_amx.c: 32 output columns at a time are dequ
 a time into L1 and multiplied there by AMX's bf16 tile product, so neither a dequantized copy of the weight nor the
 GEMM's read of it goes through memory. On a 2-core AMX Xeon, 32 rows against a 27392 x 4096 weight: int4 9.0 ms
 against 28.2 for dequantizing into a GEMM, int8 7.6 against 26.6 (a bf16 GEMM on bf16 weights: 11.1). There, fewer
-int4 rows (decode) run int4_decode, the AVX2 decode kernel's arithmetic in AVX-512 with its 4 KB prefetch: one row
-2.05 ms against torch's 2.75, 4 rows 3.9 against 5.5; streamed from memory (24 such weights in turn, past the
-480 MB L3 the figures above ran in) one row 3.1 against 4.1 ms, 18 against 13.7 GB/s.
+int4 rows (decode) run int4_decode. In official checkpoints' layers that is the AVX2 decode kernel's fp32
+arithmetic in AVX-512 with its 4 KB prefetch: one row 2.05 ms against torch's 2.75, 4 rows 3.9 against 5.5;
+streamed from memory (24 such weights in turn, past the 480 MB L3 the figures above ran in) one row 3.1 against 4.1
+ms, 18 against 13.7 GB/s. In the layers GLM Studio quantizes, up to 19 rows multiply activations quantized to int8
+as the AVX2 product does, with vpdpbusd (64 byte products an instruction), codes brought into its quads by one
+vpermt2b and prefetched into L2: one row 2.4 ms from memory (23 GB/s, a plain read 27), 8 rows 4.2 against the AMX
+product's 8.9.
 
 The C files are compiled on first use with the system's C compiler into the cache (keyed by the source's hash) and
 loaded with ctypes; it uses OpenMP from the process's libgomp, which is torch's, so torch's thread count (and
@@ -29,9 +33,9 @@ threads.ThreadPolicy) applies to it. Without a compiler, or with GLM_STUDIO_NATI
 elementwise dequantization run.
 
 Arithmetic: bf16 activations widened exactly to fp32, fp32 products and sums, fp32 outputs (torch's bf16 kernels
-round theirs to bf16). int4 with int8 activations, from 2 rows: quantized as tests/quant_sweep.py's
-quantized_activations does, exact integer sums per block of 32, then fp32; a row's product is the same alone or in a
-batch of 2 or more."""
+round theirs to bf16). int4 with int8 activations (AVX2 from 2 rows, AMX CPUs below
+AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS): quantized as tests/quant_sweep.py's quantized_activations does, exact integer
+sums per block of 32, then fp32; a row's product is the same alone or in a batch (AVX2: of 2 or more)."""
 from __future__ import annotations
 
 import ctypes
@@ -56,7 +60,7 @@ SOURCE = Path(__file__).parent / "kernels" / "matmul_avx2.c"
 # loops aligned to 64 bytes: the int4 decode kernel ran 5-10 % slower or faster as unrelated code moved it
 FLAGS = ["-O3", "-mavx2", "-mfma", "-falign-loops=64", "-fopenmp", "-shared", "-fPIC"]
 AMX_SOURCE = Path(__file__).parent / "kernels" / "matmul_amx.c"
-AMX_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
+AMX_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mavx512vbmi", "-mamx-tile", "-mamx-bf16", "-fopenmp",
              "-shared", "-fPIC"]
 # Row counts where each kernel takes over, measured on a 2-core Zen 2 against a 27392 x 4096 weight (ms):
 # int4: decode kernel 4 rows 8.9, 5 rows 14.2; tiled 11.1 and 11.3
@@ -74,7 +78,11 @@ BF16_TILED_MIN_ROWS = 24
 # 7.4 / 3.7. int8 against torch's kernel: 3 rows 4.9 / 2.3 against 4.8 / 2.2, 4 rows 5.2 / 2.4 against 5.8 / 2.6.
 # 256 rows int4 34.7 / 24.1 against 51.6 / 26.2, 320 rows 57.6 / 29.0 against 57.8 / 28.6 (x no longer fits in L2),
 # int8 alike.
+# int4 layers GLM Studio quantizes take int4_decode_int8_activations below AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS rows,
+# against the AMX product, streamed from memory (24 weights in turn), ms: 27392 x 4096 16 rows 7.3 against 9.0, 20
+# rows 9.3 against 10.0, 24 rows 10.3 against 10.0; 4096 x 13696 16 rows 3.8 against 4.3, 24 rows 5.3 against 4.7
 AMX_MIN_ROWS_INT4 = 8
+AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS = 20
 AMX_MIN_ROWS_INT8 = 4
 AMX_MAX_ROWS = 256
 _build_lock = threading.Lock()
@@ -175,6 +183,7 @@ def amx_library() -> ctypes.CDLL | None:
     lib.int4_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer] + [ctypes.c_int] * 3
     lib.int8_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer] + [ctypes.c_int] * 3
     lib.int4_decode.argtypes = [pointer] * 4 + [ctypes.c_int] * 4
+    lib.int4_decode_int8_activations.argtypes = lib.int4_decode.argtypes
     return lib
 
 
@@ -222,10 +231,17 @@ def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
                     out)
 
 
+def amx_min_rows_int4(module) -> int:
+    """The rows from which an Int4Linear's product takes AMX, below which int4_decode runs: official checkpoints'
+    layers keep bf16 activations (quant.QuantizedLinear.official), the others multiply int8 ones below this."""
+    return AMX_MIN_ROWS_INT4 if module.official else AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS
+
+
 def takes_int4_amx(x: Tensor, module) -> bool:
-    """Whether int4_matmul_amx can run this Int4Linear's product for x: AMX_MIN_ROWS_INT4 to AMX_MAX_ROWS bf16 rows,
+    """Whether int4_matmul_amx can run this Int4Linear's product for x: amx_min_rows_int4 to AMX_MAX_ROWS bf16 rows,
     torch's AVX-512 layout in whole blocks of 64 rows with bf16 scales, in_features in whole tiles."""
-    return (AMX_MIN_ROWS_INT4 <= x.shape[0] <= AMX_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return (amx_min_rows_int4(module) <= x.shape[0] <= AMX_MAX_ROWS and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16
             and (module.block_rows, module.half_split) == (64, True) and module.out_features % 64 == 0
             and module.scales_and_zeros.dtype == torch.bfloat16 and module.in_features % 32 == 0
             and amx_library() is not None)
@@ -241,20 +257,23 @@ def int4_matmul_amx(x: Tensor, module) -> Tensor:
 
 
 def takes_int4_decode(x: Tensor, module) -> bool:
-    """Whether int4_decode can run this Int4Linear's product for x: fewer than AMX_MIN_ROWS_INT4 bf16 rows, torch's
+    """Whether int4_decode can run this Int4Linear's product for x: fewer than amx_min_rows_int4 bf16 rows, torch's
     AVX-512 layout in whole blocks of 64 rows with bf16 scales. On AMX CPUs only: the only AVX-512 CPUs it was
     measured on (elsewhere torch's kernel runs)."""
-    return (x.shape[0] < AMX_MIN_ROWS_INT4 and x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return (x.shape[0] < amx_min_rows_int4(module) and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and (module.block_rows, module.half_split) == (64, True) and module.out_features % 64 == 0
             and module.scales_and_zeros.dtype == torch.bfloat16 and amx_library() is not None)
 
 
 def int4_decode(x: Tensor, module) -> Tensor:
-    """x [rows, in] bf16 @ W.T -> fp32 [rows, out] for an Int4Linear that takes_int4_decode: fp32 arithmetic, as the
-    AVX2 decode kernel's (int4_matmul without int8 activations)."""
+    """x [rows, in] bf16 @ W.T -> fp32 [rows, out] for an Int4Linear that takes_int4_decode. Official checkpoints'
+    layers: bf16 activations in fp32 arithmetic, as the AVX2 decode kernel's (int4_matmul without int8 activations).
+    The others: x quantized to int8 per block of 32 as the AVX2 product of int8 activations does, exact integer sums
+    per block, then fp32."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], module.out_features, dtype=torch.float32)
-    return _checked(amx_library().int4_decode(
+    kernel = amx_library().int4_decode if module.official else amx_library().int4_decode_int8_activations
+    return _checked(kernel(
         x.data_ptr(), module.qweight.data_ptr(), module.scales_and_zeros.data_ptr(), out.data_ptr(), x.shape[0],
         module.out_features, module.in_features, module.group_size), out)
 

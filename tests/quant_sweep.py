@@ -37,10 +37,14 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def takes_quantized_activations(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether module(x) runs native's int4 product of int8 activations, which multiplies quantized_activations(x)."""
-    return (isinstance(module, quant.Int4Linear) and not module.official
-            and module.activation_dtype == torch.bfloat16 and x.shape[0] >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
-            and module.native_takes(x.to(torch.bfloat16)))
+    """Whether module(x) runs one of native's int4 products of int8 activations (AVX2's from 2 rows, the AVX-512
+    decode kernel's on AMX CPUs), which multiply quantized_activations(x)."""
+    if not (isinstance(module, quant.Int4Linear) and not module.official
+            and module.activation_dtype == torch.bfloat16):
+        return False
+    x = x.to(torch.bfloat16)
+    return ((x.shape[0] >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS and module.native_takes(x))
+            or native.takes_int4_decode(x, module))
 
 
 def layer(case: dict, generator: torch.Generator) -> torch.nn.Module:

@@ -461,7 +461,8 @@ needs_amx = pytest.mark.skipif(
     reason="the AMX products run on CPUs with AMX (Xeons from Sapphire Rapids on), torch on its AVX-512 path, built by "
            "a C compiler")
 # below and at the dense path's crossover, tiles of 16 rows with and without a tail, the most rows they take
-AMX_ROWS = [native.AMX_MIN_ROWS_INT8, native.AMX_MIN_ROWS_INT4, 16, 17, 33, 100, native.AMX_MAX_ROWS]
+AMX_ROWS = [native.AMX_MIN_ROWS_INT8, native.AMX_MIN_ROWS_INT4, 16, 17, native.AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS, 33,
+            100, native.AMX_MAX_ROWS]
 
 
 @needs_amx
@@ -479,7 +480,7 @@ def test_amx_product_is_the_dense_paths_weights_summed_in_fp32(precision, rows, 
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, precision, group,
                                    torch.bfloat16)
     x = torch.randn(rows, in_features, generator=g).bfloat16()
-    first = native.AMX_MIN_ROWS_INT4 if precision == "int4" else native.AMX_MIN_ROWS_INT8
+    first = native.AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS if precision == "int4" else native.AMX_MIN_ROWS_INT8
     assert module.amx_takes(x) == (rows >= first)
     if rows < first:
         return
@@ -492,22 +493,58 @@ def test_amx_product_is_the_dense_paths_weights_summed_in_fp32(precision, rows, 
 
 @needs_amx
 @pytest.mark.parametrize("official", [False, True])
-@pytest.mark.parametrize("rows", range(1, native.AMX_MIN_ROWS_INT4))
-@pytest.mark.parametrize("out_features, in_features, group", [(64, 64, 32), (128, 4096, 128), (192, 2720, 32)])
+@pytest.mark.parametrize("rows", list(range(1, 9)) + [13, native.AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS - 1])
+@pytest.mark.parametrize("out_features, in_features, group", [(64, 64, 32), (128, 4096, 128), (192, 2720, 32),
+                                                              (64, 576, 64), (128, 512, 256)])
 def test_int4_decode_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows, official):
-    """The AVX-512 decode kernel (AMX CPUs, fewer rows than the AMX product takes): bf16 activations, codes summed
-    per group in fp32 then scaled, for official checkpoints' layers too, against x @ W.T in float64."""
+    """The AVX-512 decode kernels (AMX CPUs, fewer rows than the AMX product takes), against x @ W.T in float64: for
+    official checkpoints' layers bf16 activations, codes summed per group in fp32 then scaled; for the layers GLM
+    Studio quantizes x quantized to int8 per block of 32, exact integer sums per block, then fp32 (rows in passes of
+    4: every remainder)."""
     assert native.amx_library() is not None
     g = torch.Generator().manual_seed(out_features + rows)
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int4", group,
                                    torch.bfloat16)
+    assert module.group_size == group
     module.official = official
     x = torch.randn(rows, in_features, generator=g).bfloat16()
+    if official and rows >= native.AMX_MIN_ROWS_INT4:   # torch's kernel runs those
+        assert not native.takes_int4_decode(x, module)
+        return
     assert native.takes_int4_decode(x, module) and not module.amx_takes(x)
     y = native.int4_decode(x, module).double()
     assert torch.equal(module(x), y.bfloat16())   # the layer's product is this one
-    ref, bound = int4_reference(module, x, quantized=False)
+    ref, bound = int4_reference(module, x, quantized=not official)
     assert ((y - ref).abs() <= bound).all(), float(((y - ref).abs() - bound).max())
+
+
+@needs_amx
+def test_int4_decode_rows_are_the_same_alone_or_in_a_batch():
+    """Every row of the int8-activation decode kernel goes through the same operations: a visitor's decode step does
+    not depend on who else is decoding, up to the rows the AMX product takes over from."""
+    g = torch.Generator().manual_seed(7)
+    module = quant.quantize_linear(torch.randn(128, 512, generator=g) / 16, None, "int4", 128, torch.bfloat16)
+    x = torch.randn(native.AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS - 1, 512, generator=g).bfloat16()
+    together = module(x)
+    for i in range(len(x)):
+        for batch, at in ((x[[i]], 0), (x[[(i + 1) % len(x), i]], 1), (x[torch.arange(i - 4, i + 3) % len(x)], 4)):
+            assert torch.equal(module(batch)[at], together[i]), (i, len(batch))
+
+
+@needs_amx
+@pytest.mark.parametrize("sign", [1, -1])
+def test_int4_decode_extreme_codes_and_activations_are_exact(sign):
+    """Codes of 15 (both nibbles, the high one multiplied as 16 x 15) against activations that all quantize to
+    +-127: exact integer sums, then the scales."""
+    out_features, in_features, group = 64, 256, 128
+    codes = torch.full((out_features, in_features), 15, dtype=torch.uint8)
+    scales_and_zeros = torch.stack([torch.full((in_features // group, out_features), 2.0 ** -4),
+                                    torch.full((in_features // group, out_features), 0.25)], -1).bfloat16()
+    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16)
+    x = torch.full((3, in_features), 0.5 * sign).bfloat16()
+    assert native.takes_int4_decode(x, module)
+    expected = torch.full((3, out_features), sign * 0.5 * in_features * (15 / 16 + 0.25 - 8 / 16), dtype=torch.float64)
+    torch.testing.assert_close(native.int4_decode(x, module).double(), expected, rtol=2.0 ** -20, atol=0)
 
 
 @needs_amx
@@ -658,7 +695,8 @@ def sweep_cases() -> list[dict]:
     the dense path, int8 and int4 (quantized here and official), bf16 activations (the fast path) and fp32 (exact)."""
     cases = []
     widths = [(96, 200), (64, 100), (17, 24), (3, 40), (48, 136), (160, 96), (32, 4104), (200, 72), (16, 320),
-              (96, 384), (224, 512)]   # the last two: int4 groups of 128 and 256 on 32-row blocks (native's int4)
+              (96, 384), (224, 512),   # int4 groups of 128 and 256 on 32-row blocks (native's int4)
+              (128, 320)]              # whole 64-row blocks: AMX CPUs' int4 decode kernels
     kinds = [("int8", False, None), ("int4", False, 32), ("int4", False, 128), ("int8", True, None), ("int4", True, None)]
     for (out, inp), (precision, official, group), activation, rows in itertools.product(
             widths, kinds, ("bfloat16", None), SWEEP_ROWS):
