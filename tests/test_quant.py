@@ -403,21 +403,30 @@ def test_native_int4_rows_are_the_same_alone_or_in_a_batch():
             assert torch.equal(module.fused(batch)[at], together[i]), (i, len(batch))
 
 
+def all_fifteens(out_features: int, rows: int, sign: int) -> tuple[quant.Int4Linear, torch.Tensor, torch.Tensor]:
+    """An int4 layer of codes 15 (scale 1/16, zero 1/4: w = 11/16), rows of activations +-0.5 (each block quantizes to
+    +-127), and the exact product."""
+    in_features, group = 256, 128
+    codes = torch.full((out_features, in_features), 15, dtype=torch.uint8)
+    scales_and_zeros = torch.stack([torch.full((in_features // group, out_features), 2.0 ** -4),
+                                    torch.full((in_features // group, out_features), 0.25)], -1).bfloat16()
+    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16)
+    x = torch.full((rows, in_features), 0.5 * sign).bfloat16()
+    product = sign * 0.5 * in_features * (15 / 16 + 0.25 - 8 / 16)
+    expected = torch.full((rows, out_features), product, dtype=torch.float64)
+    return module, x, expected
+
+
 @needs_native
 @pytest.mark.parametrize("sign", [1, -1])
 def test_native_int4_extreme_codes_and_activations_do_not_saturate(sign):
     """Codes of 15 against activations that all quantize to +-127: a block's 16-bit sums reach 16 x 15 x 127 =
     30480, just inside int16, and the product is still exact up to fp32 rounding."""
-    out_features, in_features, group = 32, 256, 128
-    codes = torch.full((out_features, in_features), 15, dtype=torch.uint8)
-    scales_and_zeros = torch.stack([torch.full((in_features // group, out_features), 2.0 ** -4),
-                                    torch.full((in_features // group, out_features), 0.25)], -1).bfloat16()
-    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16)
-    x = torch.full((4, in_features), 0.5 * sign).bfloat16()
+    module, x, expected = all_fifteens(32, rows=4, sign=sign)
     y = module.fused(x).double()
     ref, bound = int4_reference(module, x)
     assert ((y - ref).abs() <= bound).all()
-    torch.testing.assert_close(y, torch.full_like(y, sign * 0.5 * in_features * (15 / 16 + 0.25 - 8 / 16)))
+    torch.testing.assert_close(y, expected)
 
 
 @needs_native
@@ -536,14 +545,8 @@ def test_int4_decode_rows_are_the_same_alone_or_in_a_batch():
 def test_int4_decode_extreme_codes_and_activations_are_exact(sign):
     """Codes of 15 (both nibbles, the high one multiplied as 16 x 15) against activations that all quantize to
     +-127: exact integer sums, then the scales."""
-    out_features, in_features, group = 64, 256, 128
-    codes = torch.full((out_features, in_features), 15, dtype=torch.uint8)
-    scales_and_zeros = torch.stack([torch.full((in_features // group, out_features), 2.0 ** -4),
-                                    torch.full((in_features // group, out_features), 0.25)], -1).bfloat16()
-    module = quant.Int4Linear(codes, scales_and_zeros, group, None, torch.bfloat16)
-    x = torch.full((3, in_features), 0.5 * sign).bfloat16()
+    module, x, expected = all_fifteens(64, rows=3, sign=sign)
     assert native.takes_int4_decode(x, module)
-    expected = torch.full((3, out_features), sign * 0.5 * in_features * (15 / 16 + 0.25 - 8 / 16), dtype=torch.float64)
     torch.testing.assert_close(native.int4_decode(x, module).double(), expected, rtol=2.0 ** -20, atol=0)
 
 
