@@ -19,13 +19,14 @@ AMX_MAX_ROWS rows run kernels/matmul_amx.c: 32 output columns at a time are dequ
 a time into L1 and multiplied there by AMX's bf16 tile product, so neither a dequantized copy of the weight nor the
 GEMM's read of it goes through memory. On a 2-core AMX Xeon, 32 rows against a 27392 x 4096 weight: int4 9.0 ms
 against 28.2 for dequantizing into a GEMM, int8 7.6 against 26.6 (a bf16 GEMM on bf16 weights: 11.1). There, fewer
-int4 rows (decode) run int4_decode. In official checkpoints' layers that is the AVX2 decode kernel's fp32
-arithmetic in AVX-512 with its 4 KB prefetch: one row 2.05 ms against torch's 2.75, 4 rows 3.9 against 5.5;
-streamed from memory (24 such weights in turn, past the 480 MB L3 the figures above ran in) one row 3.1 against 4.1
-ms, 18 against 13.7 GB/s. In the layers GLM Studio quantizes, up to 19 rows multiply activations quantized to int8
-as the AVX2 product does, with vpdpbusd (64 byte products an instruction), codes brought into its quads by one
-vpermt2b and prefetched into L2: one row 2.4 ms from memory (23 GB/s, a plain read 27), 8 rows 4.2 against the AMX
-product's 8.9.
+int4 rows (decode; an official checkpoint's layers below the dense path) run int4_decode: the activations quantized
+per block of 32 and multiplied in exact integer sums, the codes prefetched into L2 (a plain read of the weights reads
+27 GB/s, int4_decode with fp32 arithmetic read 17-18). In the layers GLM Studio quantizes, to int8 as the AVX2 product
+does, with vpdpbusd (64 byte products an instruction): one row 2.4 ms streamed from memory against 3.3 for the fp32
+kernel (24 such weights in turn, past the 480 MB L3), 8 rows 4.2 against the AMX product's 8.9. In official
+checkpoints' layers, to int16 with power-of-two scales (exact for every value within 2^7 of its block's largest,
+which bf16's 8 significant bits make most of them), with vpdpwssd: one row 2.8-3.0 ms, 2x torch's kernel from 8 to
+127 rows.
 
 The C files are compiled on first use with the system's C compiler into the cache (keyed by the source's hash) and
 loaded with ctypes; it uses OpenMP from the process's libgomp, which is torch's, so torch's thread count (and
@@ -33,9 +34,9 @@ threads.ThreadPolicy) applies to it. Without a compiler, or with GLM_STUDIO_NATI
 elementwise dequantization run.
 
 Arithmetic: bf16 activations widened exactly to fp32, fp32 products and sums, fp32 outputs (torch's bf16 kernels
-round theirs to bf16). int4 with int8 activations (AVX2 from 2 rows, AMX CPUs below
-AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS): quantized as tests/quant_sweep.py's quantized_activations does, exact integer
-sums per block of 32, then fp32; a row's product is the same alone or in a batch (AVX2: of 2 or more)."""
+round theirs to bf16). int4 with int8 or int16 activations (AVX2 from 2 rows, int8; AMX CPUs below
+amx_min_rows_int4): quantized as tests/quant_sweep.py's quantized_activations does, exact integer sums per block of
+32, then fp32; a row's product is the same alone or in a batch (AVX2: of 2 or more)."""
 from __future__ import annotations
 
 import ctypes
@@ -60,8 +61,8 @@ SOURCE = Path(__file__).parent / "kernels" / "matmul_avx2.c"
 # loops aligned to 64 bytes: the int4 decode kernel ran 5-10 % slower or faster as unrelated code moved it
 FLAGS = ["-O3", "-mavx2", "-mfma", "-falign-loops=64", "-fopenmp", "-shared", "-fPIC"]
 AMX_SOURCE = Path(__file__).parent / "kernels" / "matmul_amx.c"
-AMX_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mavx512vbmi", "-mamx-tile", "-mamx-bf16", "-fopenmp",
-             "-shared", "-fPIC"]
+AMX_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mavx512vbmi",
+             "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC"]
 # Row counts where each kernel takes over, measured on a 2-core Zen 2 against a 27392 x 4096 weight (ms):
 # int4: decode kernel 4 rows 8.9, 5 rows 14.2; tiled 11.1 and 11.3
 INT4_TILED_MIN_ROWS = 5
@@ -74,15 +75,15 @@ INT8_TILED_MIN_ROWS = 9
 # bf16: decode kernel 16 rows 31.4 against the tiled 36.9, 24 rows 45.2 against 44.0, 32 rows 59.8 against 55.9
 BF16_TILED_MIN_ROWS = 24
 # AMX against what runs below and the dequantize-then-GEMM path above, on a 2-core AMX Xeon, 27392 x 4096 and
-# 4096 x 13696 weights (ms). int4 against int4_decode: 6 rows 7.3 / 4.3 against 6.4 / 3.2, 8 rows 7.4 / 4.4 against
-# 7.4 / 3.7. int8 against torch's kernel: 3 rows 4.9 / 2.3 against 4.8 / 2.2, 4 rows 5.2 / 2.4 against 5.8 / 2.6.
-# 256 rows int4 34.7 / 24.1 against 51.6 / 26.2, 320 rows 57.6 / 29.0 against 57.8 / 28.6 (x no longer fits in L2),
-# int8 alike.
-# int4 layers GLM Studio quantizes take int4_decode_int8_activations below AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS rows,
-# against the AMX product, streamed from memory (24 weights in turn), ms: 27392 x 4096 16 rows 7.3 against 9.0, 20
-# rows 9.3 against 10.0, 24 rows 10.3 against 10.0; 4096 x 13696 16 rows 3.8 against 4.3, 24 rows 5.3 against 4.7
-AMX_MIN_ROWS_INT4 = 8
-AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS = 20
+# 4096 x 13696 weights (ms). int8 against torch's kernel: 3 rows 4.9 / 2.3 against 4.8 / 2.2, 4 rows 5.2 / 2.4
+# against 5.8 / 2.6. 256 rows int4 34.7 / 24.1 against 51.6 / 26.2, 320 rows 57.6 / 29.0 against 57.8 / 28.6 (x no
+# longer fits in L2), int8 alike. int4 below AMX_MIN_ROWS_INT4 runs int4_decode, with int8 activations, against the
+# AMX product, streamed from memory (24 weights in turn): 16 rows 7.3 / 3.8 against 9.0 / 4.3, 20 rows 9.3 against
+# 10.0, 24 rows 10.3 / 5.3 against 10.0 / 4.7. Official checkpoints' layers take AMX only where they take the dense
+# path (quant.DENSE_MIN_ROWS); below, int4_decode with int16 activations: 2x torch's kernel from 8 to 127 rows (8 rows
+# 6.6 / 3.5 against 12.3 / 6.2, 127 rows 92 against 191 on the first), 1.6x at one row (2.8 / 1.5 against 4.5 / 2.4).
+AMX_MIN_ROWS_INT4 = 20
+AMX_MIN_ROWS_INT4_OFFICIAL = 128
 AMX_MIN_ROWS_INT8 = 4
 AMX_MAX_ROWS = 256
 _build_lock = threading.Lock()
@@ -182,8 +183,8 @@ def amx_library() -> ctypes.CDLL | None:
     pointer = ctypes.c_void_p
     lib.int4_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer] + [ctypes.c_int] * 3
     lib.int8_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer] + [ctypes.c_int] * 3
-    lib.int4_decode.argtypes = [pointer] * 4 + [ctypes.c_int] * 4
-    lib.int4_decode_int8_activations.argtypes = lib.int4_decode.argtypes
+    lib.int4_decode_int8_activations.argtypes = [pointer] * 4 + [ctypes.c_int] * 4
+    lib.int4_decode_int16_activations.argtypes = lib.int4_decode_int8_activations.argtypes
     return lib
 
 
@@ -233,8 +234,8 @@ def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
 
 def amx_min_rows_int4(module) -> int:
     """The rows from which an Int4Linear's product takes AMX, below which int4_decode runs: official checkpoints'
-    layers keep bf16 activations (quant.QuantizedLinear.official), the others multiply int8 ones below this."""
-    return AMX_MIN_ROWS_INT4 if module.official else AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS
+    layers (quant.QuantizedLinear.official) with int16 activations, the others with int8 ones."""
+    return AMX_MIN_ROWS_INT4_OFFICIAL if module.official else AMX_MIN_ROWS_INT4
 
 
 def takes_int4_amx(x: Tensor, module) -> bool:
@@ -266,13 +267,13 @@ def takes_int4_decode(x: Tensor, module) -> bool:
 
 
 def int4_decode(x: Tensor, module) -> Tensor:
-    """x [rows, in] bf16 @ W.T -> fp32 [rows, out] for an Int4Linear that takes_int4_decode. Official checkpoints'
-    layers: bf16 activations in fp32 arithmetic, as the AVX2 decode kernel's (int4_matmul without int8 activations).
-    The others: x quantized to int8 per block of 32 as the AVX2 product of int8 activations does, exact integer sums
-    per block, then fp32."""
+    """x [rows, in] bf16 @ W.T -> fp32 [rows, out] for an Int4Linear that takes_int4_decode: x quantized per block of
+    32, to int16 in official checkpoints' layers, to int8 in the others (as the AVX2 product of int8 activations
+    does), exact integer sums per block, then fp32."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], module.out_features, dtype=torch.float32)
-    kernel = amx_library().int4_decode if module.official else amx_library().int4_decode_int8_activations
+    library = amx_library()
+    kernel = library.int4_decode_int16_activations if module.official else library.int4_decode_int8_activations
     return _checked(kernel(
         x.data_ptr(), module.qweight.data_ptr(), module.scales_and_zeros.data_ptr(), out.data_ptr(), x.shape[0],
         module.out_features, module.in_features, module.group_size), out)

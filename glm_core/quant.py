@@ -18,7 +18,8 @@ kernels in decode, 1.2-1.9x faster than the dense path in prefill. On CPUs with 
 native.AMX_MAX_ROWS (batched decode, short prompts, a prompt read beside running replies) takes GLM Studio's AMX
 products, which dequantize in tiles that stay in L1 (2-3x faster than torch's kernels and the dense path from 8 to
 128 rows; official checkpoints' layers only where the dense path would run), and fewer int4 rows its AVX-512 decode
-kernels (int8 activations in the layers quantized here). Otherwise fewer than dense_min_rows() rows in bf16/fp16 (decode) take torch's fused kernel; more rows
+kernels (activations quantized per block of 32: int8 in the layers quantized here, int16 in official checkpoints'
+layers). Otherwise fewer than dense_min_rows() rows in bf16/fp16 (decode) take torch's fused kernel; more rows
 (prefill) and fp32 take the dense path, which dequantizes DENSE_CHUNK_ELEMENTS weights at a time for a GEMM: in bf16
 where the CPU has native bf16 (by glm_core.native's one-pass kernels where the CPU has AVX2, 2-4x faster than
 elementwise torch), else in fp32, which there beats both the fused kernels and a bf16 GEMM (measured 1.7x / 5x at
@@ -215,11 +216,12 @@ class QuantizedLinear(nn.Module):
 
     `official`: a layer of an official pre-quantized checkpoint, whose fast path is held to the official code's
     logits (within 3 % of the largest, 99 % of the same argmax on the fixtures): its products keep bf16 activations
-    and take the fused kernels below DENSE_MIN_ROWS rows. Layers GLM Studio quantizes trade a little of that for
-    speed: int4 multiplies activations quantized to int8 in glm_core.native's products (AVX2 from 2 rows: 1.4-1.75x
-    faster on a Zen 2, the fixture's logits went to 3.5 %; AMX CPUs' decode, 1 to 19 rows: 1.35x for one row, 2x for
-    8), and AMX CPUs dequantize for a GEMM from dense_min_rows() (the fixture's argmax agreed at 97.5 % with its
-    40-token sequence in bf16 weights)."""
+    (AMX CPUs' int4: int16, exact within 2^7 of each block's largest value; the fixture's largest difference went from
+    1.7 % to 1.2 %) and take the fused kernels below DENSE_MIN_ROWS rows. Layers GLM Studio quantizes trade a little
+    of that for speed: int4 multiplies activations quantized to int8 in glm_core.native's products (AVX2 from 2 rows:
+    1.4-1.75x faster on a Zen 2, the fixture's logits went to 3.5 %; AMX CPUs' decode, 1 to 19 rows: 1.35x for one
+    row, 2x for 8), and AMX CPUs dequantize for a GEMM from dense_min_rows() (the fixture's argmax agreed at 97.5 %
+    with its 40-token sequence in bf16 weights)."""
 
     in_features: int
     out_features: int
@@ -361,7 +363,7 @@ class Int4Linear(QuantizedLinear):
     the device they are on, in that device's kernel layout; the module then runs on that device type only. Unless
     `official`, where glm_core.native runs the product (AVX2: 2 rows or more, prompts and several visitors' decode
     steps; AMX CPUs: decode steps of 1 to 19 rows) it multiplies the input quantized to int8 per block of 32, as
-    llama.cpp's Q4_0 x Q8_0."""
+    llama.cpp's Q4_0 x Q8_0 (official layers on AMX CPUs: to int16, below DENSE_MIN_ROWS rows)."""
 
     def __init__(self, codes: Tensor, scales_and_zeros: Tensor, group_size: int, bias: Tensor | None,
                  activation_dtype: torch.dtype | None = None, official: bool = False):

@@ -26,25 +26,33 @@ def error_bound(x: torch.Tensor, w: torch.Tensor, rounding: torch.dtype) -> torc
     return 1.01 * (u * (x @ w.t()).abs() + (u + k * 2.0 ** -24) * magnitude) + 1e-30
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """What native's int4 product of int8 activations multiplies instead of x [rows, in] (in a multiple of 32), in
-    float64: each block of 32 columns quantized to int8 with scale max|x| / 127, in fp32 arithmetic rounded to
-    nearest even."""
+def quantized_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """What native's int4 products of integer activations multiply instead of x [rows, in] (in a multiple of 32), in
+    float64: each block of 32 columns rounded to nearest even, in fp32 arithmetic, on the block's scale: int8 max|x| /
+    127; int16 the power of two that puts max|x| in [2^14, 2^15)."""
     blocks = x.float().unflatten(-1, (-1, 32))
     top = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(top > 0, torch.full_like(top, 127) / top, 0)   # 127 / top is 127 * (1 / top) in torch
-    return ((blocks * inverse).round().double() * (top / torch.full_like(top, 127)).double()).flatten(-2)
+    if bits == 8:
+        inverse = torch.where(top > 0, torch.full_like(top, 127) / top, 0)   # 127 / top is 127 * (1 / top) in torch
+        scale = top / torch.full_like(top, 127)
+    else:   # top = mantissa x 2^exponent, mantissa in [0.5, 1)
+        exponent = torch.frexp(top).exponent.float()
+        inverse, scale = torch.exp2(15 - exponent), torch.exp2(exponent - 15)
+    return ((blocks * inverse).round().double() * scale.double()).flatten(-2)
 
 
-def takes_quantized_activations(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether module(x) runs one of native's int4 products of int8 activations (AVX2's from 2 rows, the AVX-512
-    decode kernel's on AMX CPUs), which multiply quantized_activations(x)."""
-    if not (isinstance(module, quant.Int4Linear) and not module.official
-            and module.activation_dtype == torch.bfloat16):
-        return False
+def activation_bits(module: torch.nn.Module, x: torch.Tensor) -> int | None:
+    """The integer width module(x) quantizes x to in native's int4 products (quantized_activations), or None where
+    its product takes x as it is: AVX2's from 2 rows (int8, not in official checkpoints' layers), AMX CPUs' decode
+    kernel (int8, official layers int16)."""
+    if not (isinstance(module, quant.Int4Linear) and module.activation_dtype == torch.bfloat16):
+        return None
     x = x.to(torch.bfloat16)
-    return ((x.shape[0] >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS and module.native_takes(x))
-            or native.takes_int4_decode(x, module))
+    if not module.official and x.shape[0] >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS and module.native_takes(x):
+        return 8
+    if native.takes_int4_decode(x, module):
+        return 16 if module.official else 8
+    return None
 
 
 def layer(case: dict, generator: torch.Generator) -> torch.nn.Module:
@@ -72,8 +80,9 @@ def run(case: dict) -> str:
     w = module.dequantize().double()
     bias = 0 if module.bias is None else module.bias.double()
     x64 = x.double()
-    if takes_quantized_activations(module, x):
-        x64 = quantized_activations(x)
+    bits = activation_bits(module, x)
+    if bits:
+        x64 = quantized_activations(x, bits)
     ref = x64 @ w.t() + bias
     bound = error_bound(x64, w, rounding) + 2.0 ** -24 * (ref.abs() + abs(bias))   # + bias in fp32
     over = ((y - ref).abs() - bound).max()

@@ -15,7 +15,7 @@ from torch import nn
 from glm_core import native, quant
 from glm_core.model import linear
 from conftest import FIXTURES, ROOT
-from quant_sweep import error_bound, quantized_activations
+from quant_sweep import activation_bits, error_bound, quantized_activations
 
 LAYER0 = "transformer.encoder.layers.0."
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -347,18 +347,16 @@ needs_native = pytest.mark.skipif(
 NATIVE_ROWS = [1, 2, 3, native.INT4_TILED_MIN_ROWS, native.INT8_TILED_MIN_ROWS + 1, native.BF16_TILED_MIN_ROWS + 1, 300]
 
 
-def int4_reference(module: quant.Int4Linear, x: torch.Tensor,
-                   quantized: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x @ W.T in float64 (x quantized to int8 per block of 32 where the layer's product does that), and the bound on
-    the fp32 rounding. The decode kernel sums code * x per group, then scales and adds (zero - 8 scale) * sum(x); the
-    fp32 tiles hold w = code * scale + (zero - 8 scale) and sum w * x; with int8 activations each block's exact integer
-    sum is added times (activation scale x weight scale), then (zero - 8 scale) * sum(x). Each way the rounding is
-    bounded by those terms' magnitudes, not W's: (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| +
-    |zero - 8 scale|), every sum in fp32."""
+def int4_reference(module: quant.Int4Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ W.T in float64 (x quantized per block of 32 where the layer's product does that: activation_bits), and the
+    bound on the fp32 rounding. The AVX2 decode kernel sums code * x per group, then scales and adds
+    (zero - 8 scale) * sum(x); the fp32 tiles hold w = code * scale + (zero - 8 scale) and sum w * x; with integer
+    activations each block's exact integer sum is added times (activation scale x weight scale), then
+    (zero - 8 scale) * sum(x). Each way the rounding is bounded by those terms' magnitudes, not W's:
+    (K + 2 K / group + 4) * 2^-24 * sum |x| (|code * scale| + |zero - 8 scale|), every sum in fp32."""
     out_features, in_features, group = module.out_features, module.in_features, module.group_size
-    if quantized is None:   # what the AVX2 products do
-        quantized = not module.official and len(x) >= native.INT4_INT8_ACTIVATIONS_MIN_ROWS
-    x64 = quantized_activations(x) if quantized else x.double()
+    bits = activation_bits(module, x)
+    x64 = quantized_activations(x, bits) if bits else x.double()
     codes = module.unpack_codes(0, out_features).double()
     scales, zeros = (module.scales_and_zeros[..., i].double().t().repeat_interleave(group, dim=1) for i in (0, 1))
     ref = x64 @ ((codes - 8) * scales + zeros).t()
@@ -470,8 +468,7 @@ needs_amx = pytest.mark.skipif(
     reason="the AMX products run on CPUs with AMX (Xeons from Sapphire Rapids on), torch on its AVX-512 path, built by "
            "a C compiler")
 # below and at the dense path's crossover, tiles of 16 rows with and without a tail, the most rows they take
-AMX_ROWS = [native.AMX_MIN_ROWS_INT8, native.AMX_MIN_ROWS_INT4, 16, 17, native.AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS, 33,
-            100, native.AMX_MAX_ROWS]
+AMX_ROWS = [native.AMX_MIN_ROWS_INT8, 16, 17, native.AMX_MIN_ROWS_INT4, 33, 100, native.AMX_MAX_ROWS]
 
 
 @needs_amx
@@ -489,7 +486,7 @@ def test_amx_product_is_the_dense_paths_weights_summed_in_fp32(precision, rows, 
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, precision, group,
                                    torch.bfloat16)
     x = torch.randn(rows, in_features, generator=g).bfloat16()
-    first = native.AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS if precision == "int4" else native.AMX_MIN_ROWS_INT8
+    first = native.AMX_MIN_ROWS_INT4 if precision == "int4" else native.AMX_MIN_ROWS_INT8
     assert module.amx_takes(x) == (rows >= first)
     if rows < first:
         return
@@ -502,14 +499,14 @@ def test_amx_product_is_the_dense_paths_weights_summed_in_fp32(precision, rows, 
 
 @needs_amx
 @pytest.mark.parametrize("official", [False, True])
-@pytest.mark.parametrize("rows", list(range(1, 9)) + [13, native.AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS - 1])
+@pytest.mark.parametrize("rows", list(range(1, 9)) + [13, native.AMX_MIN_ROWS_INT4 - 1, 51,
+                                                      native.AMX_MIN_ROWS_INT4_OFFICIAL - 1])
 @pytest.mark.parametrize("out_features, in_features, group", [(64, 64, 32), (128, 4096, 128), (192, 2720, 32),
                                                               (64, 576, 64), (128, 512, 256)])
 def test_int4_decode_is_the_dequantized_product_in_fp32(out_features, in_features, group, rows, official):
-    """The AVX-512 decode kernels (AMX CPUs, fewer rows than the AMX product takes), against x @ W.T in float64: for
-    official checkpoints' layers bf16 activations, codes summed per group in fp32 then scaled; for the layers GLM
-    Studio quantizes x quantized to int8 per block of 32, exact integer sums per block, then fp32 (rows in passes of
-    4: every remainder)."""
+    """The AVX-512 decode kernels (AMX CPUs, fewer rows than the AMX product takes, all of an official layer's fused
+    rows), against x @ W.T in float64 with x quantized per block of 32 (int16 in official checkpoints' layers, int8
+    in the others), exact integer sums per block, then fp32; rows in passes of 4: every remainder."""
     assert native.amx_library() is not None
     g = torch.Generator().manual_seed(out_features + rows)
     module = quant.quantize_linear(torch.randn(out_features, in_features, generator=g) / 16, None, "int4", group,
@@ -517,23 +514,45 @@ def test_int4_decode_is_the_dequantized_product_in_fp32(out_features, in_feature
     assert module.group_size == group
     module.official = official
     x = torch.randn(rows, in_features, generator=g).bfloat16()
-    if official and rows >= native.AMX_MIN_ROWS_INT4:   # torch's kernel runs those
-        assert not native.takes_int4_decode(x, module)
+    if not official and rows >= native.AMX_MIN_ROWS_INT4:   # the AMX product runs those
+        assert not native.takes_int4_decode(x, module) and module.amx_takes(x)
         return
     assert native.takes_int4_decode(x, module) and not module.amx_takes(x)
+    assert activation_bits(module, x) == (16 if official else 8)
     y = native.int4_decode(x, module).double()
     assert torch.equal(module(x), y.bfloat16())   # the layer's product is this one
-    ref, bound = int4_reference(module, x, quantized=not official)
+    ref, bound = int4_reference(module, x)
     assert ((y - ref).abs() <= bound).all(), float(((y - ref).abs() - bound).max())
 
 
 @needs_amx
-def test_int4_decode_rows_are_the_same_alone_or_in_a_batch():
-    """Every row of the int8-activation decode kernel goes through the same operations: a visitor's decode step does
-    not depend on who else is decoding, up to the rows the AMX product takes over from."""
+def test_int16_activations_keep_bf16_values_within_2_to_the_7_of_their_blocks_largest():
+    """Official checkpoints' decode rounds x to int16 on a power-of-two scale: bf16 values at most 2^7 below their
+    block's largest come out exact, smaller ones within 2^-15 of it."""
+    x = torch.zeros(1, 64)
+    x[0, :32] = torch.tensor([3.0, -2.0 ** -4 * 1.0078125] + [2.0 ** -(e % 12) * (-1) ** e for e in range(30)])
+    x[0, 32:] = torch.linspace(-1e-3, 1e-3, 32) * (1 + 2.0 ** -7)
+    x = x.bfloat16()
+    q = quantized_activations(x, 16)
+    top = x.float().unflatten(-1, (-1, 32)).abs().amax(-1, keepdim=True).expand(-1, -1, 32).flatten(-2)
+    near = x.float().abs() >= top / 2 ** 7
+    assert torch.equal(q[near], x.double()[near])
+    assert ((q - x.double()).abs() <= top.double() * 2.0 ** -15).all()
+    module = quant.quantize_linear(torch.randn(64, 64) / 16, None, "int4", 32, torch.bfloat16)
+    module.official = True
+    ref, bound = int4_reference(module, x)
+    assert ((native.int4_decode(x, module).double() - ref).abs() <= bound).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("official", [False, True])
+def test_int4_decode_rows_are_the_same_alone_or_in_a_batch(official):
+    """Every row of the decode kernels goes through the same operations: a visitor's decode step does not depend on
+    who else is decoding, up to the rows the AMX product takes over from."""
     g = torch.Generator().manual_seed(7)
     module = quant.quantize_linear(torch.randn(128, 512, generator=g) / 16, None, "int4", 128, torch.bfloat16)
-    x = torch.randn(native.AMX_MIN_ROWS_INT4_INT8_ACTIVATIONS - 1, 512, generator=g).bfloat16()
+    module.official = official
+    x = torch.randn(native.AMX_MIN_ROWS_INT4 - 1, 512, generator=g).bfloat16()
     together = module(x)
     for i in range(len(x)):
         for batch, at in ((x[[i]], 0), (x[[(i + 1) % len(x), i]], 1), (x[torch.arange(i - 4, i + 3) % len(x)], 4)):
@@ -541,11 +560,29 @@ def test_int4_decode_rows_are_the_same_alone_or_in_a_batch():
 
 
 @needs_amx
+def test_int16_decode_is_exact_where_every_step_is():
+    """Activations of 8 significant bits within 2^7 of their block's largest, power-of-two scales: the int16 rounding
+    keeps x as it is and every sum stays within fp32's 24 bits, so the official layers' decode product is exactly
+    x @ W.T (a scale other than a power of two, or a lost bit, would show)."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (64, 256), generator=g, dtype=torch.uint8)
+    scales_and_zeros = torch.stack([torch.full((2, 64), 2.0 ** -4), torch.zeros(2, 64)], -1).bfloat16()
+    module = quant.Int4Linear(codes, scales_and_zeros, 128, None, torch.bfloat16, official=True)
+    x = (torch.randint(1, 128, (3, 256), generator=g) * (1 - 2 * torch.randint(0, 2, (3, 256), generator=g)))
+    x = (x / 64.0).bfloat16()
+    assert torch.equal(quantized_activations(x, 16), x.double())
+    exact = x.double() @ ((codes.double() - 8) / 16).t()
+    assert torch.equal(native.int4_decode(x, module).double(), exact)
+
+
+@needs_amx
+@pytest.mark.parametrize("official", [False, True])
 @pytest.mark.parametrize("sign", [1, -1])
-def test_int4_decode_extreme_codes_and_activations_are_exact(sign):
+def test_int4_decode_extreme_codes_and_activations_are_exact(sign, official):
     """Codes of 15 (both nibbles, the high one multiplied as 16 x 15) against activations that all quantize to
-    +-127: exact integer sums, then the scales."""
+    +-127 (int8) or +-2^14 (int16): exact integer sums, then the scales."""
     module, x, expected = all_fifteens(64, rows=3, sign=sign)
+    module.official = official
     assert native.takes_int4_decode(x, module)
     torch.testing.assert_close(native.int4_decode(x, module).double(), expected, rtol=2.0 ** -20, atol=0)
 

@@ -234,122 +234,33 @@ int int8_matmul_amx(const uint16_t *x, int m, const int8_t *w, const uint16_t *s
     return product_of(&W, x, m, out);
 }
 
-/* Decode: 1 to 4 rows against int4 weights in torch's AVX-512 layout, in fp32. w = code * scale + (zero - 8 scale):
- * codes are summed against x per group, then scaled, and (zero - 8 scale) times x's sum over the group added. The
- * high nibbles are read in place as 16 x code (exact) and their scale divided by 16 (exact). */
-static inline void scale_offset(const uint32_t *pairs, int i, __m512 *scale, __m512 *offset) {
-    __m512i p = _mm512_loadu_si512(pairs + 16 * i);
-    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
-    *offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s,
-                               _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xFFFF0000u))));
-    *scale = i >= 2 ? _mm512_mul_ps(s, _mm512_set1_ps(1.f / 16)) : s;
-}
-
-/* One block of 64 output columns for ROWS (1 to 4) rows of x (fp32, with their sums per group); the block's
- * sums so far wait in y between groups */
-#define INT4_DECODE(ROWS)                                                                                       \
-    static void int4_decode_##ROWS(const uint8_t *codes, const uint32_t *pairs, const float *xf,              \
-                                   const float *gsum, float *y, int n, int k, int group) {                     \
-        const __m512i low4 = _mm512_set1_epi32(0x0F), high4 = _mm512_set1_epi32(0xF0);                        \
-        for (int m = 0; m < ROWS; m++)                                                                         \
-            for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + (size_t)m * n + 16 * i, _mm512_setzero_ps());     \
-        for (int g = 0; g < k / group; g++) {                                                                  \
-            __m512 acc[ROWS][4];   /* columns 0-15, 16-31, 16 x (32-47), 16 x (48-63) */                       \
-            for (int m = 0; m < ROWS; m++)                                                                     \
-                for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();                                   \
-            for (int kk = g * group; kk < (g + 1) * group; kk++) {                                             \
-                const uint8_t *at = codes + (size_t)kk * 32;                                                   \
-                _mm_prefetch((const char *)(at + 4096), _MM_HINT_T0);                                          \
-                __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at));                       \
-                __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(at + 16)));                \
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b0, low4));                                    \
-                __m512 w1 = _mm512_cvtepi32_ps(_mm512_and_si512(b1, low4));                                    \
-                __m512 w2 = _mm512_cvtepi32_ps(_mm512_and_si512(b0, high4));                                   \
-                __m512 w3 = _mm512_cvtepi32_ps(_mm512_and_si512(b1, high4));                                   \
-                for (int m = 0; m < ROWS; m++) {                                                               \
-                    __m512 xb = _mm512_set1_ps(xf[(size_t)m * k + kk]);                                        \
-                    acc[m][0] = _mm512_fmadd_ps(w0, xb, acc[m][0]);                                            \
-                    acc[m][1] = _mm512_fmadd_ps(w1, xb, acc[m][1]);                                            \
-                    acc[m][2] = _mm512_fmadd_ps(w2, xb, acc[m][2]);                                            \
-                    acc[m][3] = _mm512_fmadd_ps(w3, xb, acc[m][3]);                                            \
-                }                                                                                              \
-            }                                                                                                  \
-            for (int i = 0; i < 4; i++) {                                                                      \
-                __m512 scale, offset;                                                                          \
-                scale_offset(pairs + (size_t)g * n, i, &scale, &offset);                                       \
-                for (int m = 0; m < ROWS; m++) {                                                               \
-                    float *at = y + (size_t)m * n + 16 * i;                                                    \
-                    __m512 xs = _mm512_set1_ps(gsum[m * (k / group) + g]);                                     \
-                    _mm512_storeu_ps(at, _mm512_fmadd_ps(scale, acc[m][i],                                     \
-                                                         _mm512_fmadd_ps(offset, xs, _mm512_loadu_ps(at))));   \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
-    }
-INT4_DECODE(1)
-INT4_DECODE(2)
-INT4_DECODE(3)
-INT4_DECODE(4)
-
-/* y [rows][n] fp32 = x [rows][k] bf16 @ W.T, W int4 in torch's AVX-512 layout with bf16 scales and zeros
- * [k / group][n][2]; n a multiple of 64, k of group. Rows four at a time in each block of columns, which stays in
- * L2 between them. 0, or -1 when out of memory. */
-int int4_decode(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n, int k,
-                int group) {
-    float *xf = malloc(sizeof(float) * ((size_t)rows * k + (size_t)rows * (k / group)));
-    if (xf == NULL) return -1;
-    float *gsum = xf + (size_t)rows * k;
-    for (int m = 0; m < rows; m++) {
-        for (int i = 0; i < k; i++) {
-            uint32_t bits = (uint32_t)x[(size_t)m * k + i] << 16;
-            memcpy(xf + (size_t)m * k + i, &bits, 4);
-        }
-        for (int g = 0; g < k / group; g++) {
-            float sum = 0.f;
-            for (int i = 0; i < group; i++) sum += xf[(size_t)m * k + g * group + i];
-            gsum[m * (k / group) + g] = sum;
-        }
-    }
-    const uint32_t *pairs = (const uint32_t *)scales_zeros;
-#pragma omp parallel for schedule(static)
-    for (int block = 0; block < n / 64; block++) {
-        const uint8_t *codes = w + (size_t)block * k * 32;
-        for (int m = 0; m < rows; m += 4) {
-            const float *xm = xf + (size_t)m * k, *gm = gsum + m * (k / group);
-            float *ym = y + (size_t)m * n + block * 64;
-            switch (rows - m) {
-                case 1: int4_decode_1(codes, pairs + block * 64, xm, gm, ym, n, k, group); break;
-                case 2: int4_decode_2(codes, pairs + block * 64, xm, gm, ym, n, k, group); break;
-                case 3: int4_decode_3(codes, pairs + block * 64, xm, gm, ym, n, k, group); break;
-                default: int4_decode_4(codes, pairs + block * 64, xm, gm, ym, n, k, group);
-            }
-        }
-    }
-    free(xf);
-    return 0;
-}
-
-/* ---- Decode against int8 activations (the layers GLM Studio quantizes itself) ----
- * x's rows are quantized per block of 32 inner indices to int8 (scale max|x| / 127, nearest even: the AVX2 product's
- * quantize_rows, llama.cpp's Q8_0), and the codes (0..15) multiply them with vpdpbusd: 64 byte products an
- * instruction into exact int32 sums, where the fp32 kernel above needs a conversion and an fma per 16 weights. Each
- * block's sums are converted and added times the activation block's scale, each group's then scaled and
- * (zero - 8 scale) x the group's sum of quantized activations added. The codes of 4 consecutive inner indices, 32
- * bytes apart in torch's layout, come together as vpdpbusd's quads by one two-table byte permute (vpermt2b). */
-#define Q8_ROWS 4   /* rows a pass over a block of columns takes: 16 int32 sums; 7 rows in 4 + 3 took 4.1 ms against
-                     * 5.2 in passes of 2 (one row 2.4 ms, 27392 x 4096 streamed from memory) */
-/* Into L2, 8 KB ahead, both lines of a step: one row of 27392 x 4096 read 23.3 GB/s from memory, against 17.2-17.8
- * into L1 (4 KB ahead, as int4_decode; 1-16 KB measured), 18.7-19.4 with one prefetch per step, 22.4-22.9 at 12-64 KB.
- * A plain read of the same bytes reaches 27 GB/s: the arithmetic itself runs at 48-65 GB/s from cache. */
-#define Q8_PREFETCH 8192
+/* ---- Decode: a few rows against int4 weights in torch's AVX-512 layout, in AVX-512 without AMX ----
+ * x's rows are quantized per block of 32 inner indices to integers, and the codes (0..15) multiply them in exact
+ * int32 sums, a block at a time; each block's sums are converted and added times the block's activation scale, each
+ * group's then scaled and (zero - 8 scale) x the group's sum of quantized activations added
+ * (w = code * scale + (zero - 8 scale)). The high nibbles are multiplied in place as 16 x code, their scale divided
+ * by 16 (exact). Each row's arithmetic is the same whatever the other rows: a row's product is bit for bit the same
+ * alone or in a batch. Two widths:
+ * - int8 (the layers GLM Studio quantizes itself): scale max|x| / 127, nearest even, as the AVX2 product's
+ *   quantize_rows (llama.cpp's Q8_0); vpdpbusd, 64 byte products an instruction, over the codes of 4 consecutive inner
+ *   indices (32 bytes apart in torch's layout) brought together by one two-table byte permute (vpermt2b).
+ * - int16 (official checkpoints' layers, held to the official logits): a power-of-two scale that puts max|x| in
+ *   [2^14, 2^15), so every value within 2^7 of the block's largest is exact (bf16 has 8 significant bits) and smaller
+ *   ones are rounded to 2^-15 of it; vpdpwssd over pairs of inner indices. */
+#define DECODE_ROWS 4   /* rows a pass over a block of columns takes: 16 int32 sums; int8, 7 rows in 4 + 3 took 4.1 ms
+                         * against 5.2 in passes of 2 (one row 2.4 ms, 27392 x 4096 streamed from memory) */
+/* Into L2, 8 KB ahead, every line: one int8 row of 27392 x 4096 read 23.3 GB/s from memory, against 17.2-17.8 into L1
+ * (4 KB ahead, as the fp32 kernel these replace; 1-16 KB measured), 18.7-19.4 with one prefetch per 128 bytes,
+ * 22.4-22.9 at 12-64 KB. A plain read of the same bytes reaches 27 GB/s; from cache the int8 kernel reads 48-65. */
+#define DECODE_PREFETCH 8192
 typedef struct {
-    int8_t *q;          /* [rows][k] */
+    void *q;            /* [rows][k] int8 or int16 */
     float *scales;      /* [rows][k / 32] */
     float *sums;        /* [rows][k / group]: sum over the group of the quantized values times their scales */
-} q8_rows;
+} quantized_rows;
 
-static int quantize_q8(const uint16_t *x, int rows, int k, int group, q8_rows *out) {
-    out->q = malloc((size_t)rows * k);
+static int quantize_rows(const uint16_t *x, int rows, int k, int group, int bits, quantized_rows *out) {
+    out->q = malloc((size_t)rows * k * (bits / 8));
     out->scales = calloc((size_t)rows * (k / 32 + k / group), sizeof(float));
     if (out->q == NULL || out->scales == NULL) {
         free(out->q), free(out->scales);
@@ -364,12 +275,24 @@ static int quantize_q8(const uint16_t *x, int rows, int k, int group, q8_rows *o
                 v[j] = _mm512_castsi512_ps(_mm512_slli_epi32(
                     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(at + 16 * j))), 16));
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-            float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+            float inv, scale;
+            if (bits == 8) {
+                inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+            } else {   /* amax = 1.f x 2^e: 2^(14 - e) and its inverse, exact powers of two (subnormals too) */
+                __m128 e = _mm_getexp_ss(_mm_setzero_ps(), _mm_set_ss(amax)), one = _mm_set_ss(1.f);
+                inv = amax > 0.f ? _mm_cvtss_f32(_mm_scalef_ss(one, _mm_sub_ss(_mm_set_ss(14.f), e))) : 0.f;
+                scale = amax > 0.f ? _mm_cvtss_f32(_mm_scalef_ss(one, _mm_sub_ss(e, _mm_set_ss(14.f)))) : 0.f;
+            }
             __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v[0], _mm512_set1_ps(inv)));   /* nearest even */
             __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[1], _mm512_set1_ps(inv)));
-            int8_t *q = out->q + (size_t)m * k + b * 32;
-            _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(c0));
-            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(c1));
+            size_t at_q = (size_t)m * k + b * 32;
+            if (bits == 8) {
+                _mm_storeu_si128((__m128i *)((int8_t *)out->q + at_q), _mm512_cvtepi32_epi8(c0));
+                _mm_storeu_si128((__m128i *)((int8_t *)out->q + at_q + 16), _mm512_cvtepi32_epi8(c1));
+            } else {
+                _mm256_storeu_si256((__m256i *)((int16_t *)out->q + at_q), _mm512_cvtepi32_epi16(c0));
+                _mm256_storeu_si256((__m256i *)((int16_t *)out->q + at_q + 16), _mm512_cvtepi32_epi16(c1));
+            }
             out->scales[(size_t)m * (k / 32) + b] = scale;
             out->sums[(size_t)m * (k / group) + b * 32 / group] +=
                 scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
@@ -377,17 +300,21 @@ static int quantize_q8(const uint16_t *x, int rows, int k, int group, q8_rows *o
     return 0;
 }
 
-/* One block of 64 output columns for ROWS (1 to Q8_ROWS) rows m.. of quantized x; y's block [ROWS][n] is written
- * whole. Each row's arithmetic is the same whatever the other rows: a row's product is bit for bit the same alone or
- * in a batch. The high nibbles are multiplied in place as 16 x code (exact), their scale divided by 16 (exact). */
-#define INT4_DECODE_Q8(ROWS)                                                                                    \
-    static void int4_decode_q8_##ROWS(const uint8_t *codes, const uint32_t *pairs, const q8_rows *x, int m,   \
-                                      float *y, int n, int k, int group) {                                     \
-        const __m512i low4 = _mm512_set1_epi8(0x0F);                                                           \
-        uint8_t index[64];   /* quad j: column j (first) or 16 + j (second) of k, k + 1 (k01), k + 2, k + 3 */ \
+/* One block of 64 output columns for ROWS (1 to DECODE_ROWS) rows m.. of x quantized to BITS; y's block [ROWS][n] is
+ * written whole. A step takes STEP inner indices: 128 bytes of codes (int8's quads) or 64 (int16's pairs). */
+#define INT4_DECODE(BITS, ROWS)                                                                                 \
+    static void int4_decode_##BITS##_##ROWS(const uint8_t *codes, const uint32_t *pairs, const quantized_rows *x, \
+                                            int m, float *y, int n, int k, int group) {                        \
+        enum { STEP = BITS == 8 ? 4 : 2 };                                                                     \
+        uint8_t index[64];   /* int8: quad j of column j (first) or 16 + j (second), from k, k + 1 (k01) and    \
+                                k + 2, k + 3 (k23); int16: words (k, k + 1) of column j or 16 + j, zero-extended */ \
         for (int j = 0; j < 16; j++)                                                                           \
-            for (int t = 0; t < 4; t++) index[4 * j + t] = (uint8_t)(32 * t + j);                             \
-        const __m512i first = _mm512_loadu_si512(index), second = _mm512_add_epi8(first, _mm512_set1_epi8(16)); \
+            for (int t = 0; t < 4; t++)                                                                        \
+                index[4 * j + t] = (uint8_t)(BITS == 8 ? 32 * t + j : t % 2 ? 64 : 32 * (t / 2) + j);          \
+        const __m512i first = _mm512_loadu_si512(index);                                                       \
+        const __m512i second = _mm512_add_epi8(first, _mm512_set1_epi32(BITS == 8 ? 0x10101010 : 0x00100010)); \
+        const __m512i low4 = _mm512_set1_epi8(BITS == 8 ? 0x0F : 0), high4 = _mm512_set1_epi32(0x00F000F0);    \
+        const __m512i low4w = _mm512_set1_epi32(0x000F000F), none = _mm512_setzero_si512();                    \
         __m512 out[ROWS][4];                                                                                   \
         for (int r = 0; r < ROWS; r++)                                                                         \
             for (int i = 0; i < 4; i++) out[r][i] = _mm512_setzero_ps();                                       \
@@ -399,20 +326,31 @@ static int quantize_q8(const uint16_t *x, int rows, int k, int group, q8_rows *o
                 __m512i sums[ROWS][4];                                                                         \
                 for (int r = 0; r < ROWS; r++)                                                                 \
                     for (int i = 0; i < 4; i++) sums[r][i] = _mm512_setzero_si512();                           \
-                for (int kk = 32 * b; kk < 32 * b + 32; kk += 4) {                                             \
+                for (int kk = 32 * b; kk < 32 * b + 32; kk += STEP) {                                          \
                     const uint8_t *at = codes + (size_t)kk * 32;                                               \
-                    _mm_prefetch((const char *)(at + Q8_PREFETCH), _MM_HINT_T1);                               \
-                    _mm_prefetch((const char *)(at + Q8_PREFETCH + 64), _MM_HINT_T1);                          \
-                    __m512i k01 = _mm512_loadu_si512(at), k23 = _mm512_loadu_si512(at + 64);                  \
-                    __m512i p0 = _mm512_permutex2var_epi8(k01, first, k23);                                    \
-                    __m512i p1 = _mm512_permutex2var_epi8(k01, second, k23);                                   \
-                    __m512i w[4] = {_mm512_and_si512(p0, low4), _mm512_and_si512(p1, low4),                    \
-                                    _mm512_andnot_si512(low4, p0), _mm512_andnot_si512(low4, p1)};             \
+                    __m512i w[4];                                                                              \
+                    _mm_prefetch((const char *)(at + DECODE_PREFETCH), _MM_HINT_T1);                           \
+                    if (BITS == 8) {                                                                           \
+                        _mm_prefetch((const char *)(at + DECODE_PREFETCH + 64), _MM_HINT_T1);                  \
+                        __m512i k01 = _mm512_loadu_si512(at), k23 = _mm512_loadu_si512(at + 64);               \
+                        __m512i p0 = _mm512_permutex2var_epi8(k01, first, k23);                                \
+                        __m512i p1 = _mm512_permutex2var_epi8(k01, second, k23);                               \
+                        w[0] = _mm512_and_si512(p0, low4), w[1] = _mm512_and_si512(p1, low4);                  \
+                        w[2] = _mm512_andnot_si512(low4, p0), w[3] = _mm512_andnot_si512(low4, p1);            \
+                    } else {                                                                                   \
+                        __m512i k01 = _mm512_loadu_si512(at);                                                  \
+                        __m512i p0 = _mm512_permutex2var_epi8(k01, first, none);                               \
+                        __m512i p1 = _mm512_permutex2var_epi8(k01, second, none);                              \
+                        w[0] = _mm512_and_si512(p0, low4w), w[1] = _mm512_and_si512(p1, low4w);                \
+                        w[2] = _mm512_and_si512(p0, high4), w[3] = _mm512_and_si512(p1, high4);                \
+                    }                                                                                          \
                     for (int r = 0; r < ROWS; r++) {                                                           \
-                        int32_t quad;                                                                          \
-                        memcpy(&quad, x->q + (size_t)(m + r) * k + kk, 4);                                     \
-                        __m512i xb = _mm512_set1_epi32(quad);                                                  \
-                        for (int i = 0; i < 4; i++) sums[r][i] = _mm512_dpbusd_epi32(sums[r][i], w[i], xb);    \
+                        int32_t both;   /* int8's quad or int16's pair of activations */                       \
+                        memcpy(&both, (const char *)x->q + ((size_t)(m + r) * k + kk) * (BITS / 8), 4);        \
+                        __m512i xb = _mm512_set1_epi32(both);                                                  \
+                        for (int i = 0; i < 4; i++)                                                            \
+                            sums[r][i] = BITS == 8 ? _mm512_dpbusd_epi32(sums[r][i], w[i], xb)                 \
+                                                   : _mm512_dpwssd_epi32(sums[r][i], w[i], xb);                \
                     }                                                                                          \
                 }                                                                                              \
                 for (int r = 0; r < ROWS; r++) {                                                               \
@@ -438,31 +376,46 @@ static int quantize_q8(const uint16_t *x, int rows, int k, int group, q8_rows *o
         for (int r = 0; r < ROWS; r++)                                                                         \
             for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + (size_t)(m + r) * n + 16 * i, out[r][i]);         \
     }
-INT4_DECODE_Q8(1)
-INT4_DECODE_Q8(2)
-INT4_DECODE_Q8(3)
-INT4_DECODE_Q8(4)
+INT4_DECODE(8, 1)
+INT4_DECODE(8, 2)
+INT4_DECODE(8, 3)
+INT4_DECODE(8, 4)
+INT4_DECODE(16, 1)
+INT4_DECODE(16, 2)
+INT4_DECODE(16, 3)
+INT4_DECODE(16, 4)
 
-/* y [rows][n] fp32 = x [rows][k] bf16, quantized as above, @ W.T, W as int4_decode's (group a multiple of 32). Rows
- * Q8_ROWS at a time in each block of columns, which stays in L2 between them. 0, or -1 when out of memory. */
-int int4_decode_int8_activations(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y,
-                                 int rows, int n, int k, int group) {
-    q8_rows xq;
-    if (quantize_q8(x, rows, k, group, &xq)) return -1;
+typedef void (*decode_block)(const uint8_t *, const uint32_t *, const quantized_rows *, int, float *, int, int, int);
+
+/* y [rows][n] fp32 = x [rows][k] bf16, quantized to `bits` (8 or 16) as above, @ W.T, W int4 in torch's AVX-512
+ * layout with bf16 scales and zeros [k / group][n][2]; n a multiple of 64, group of 32. Rows DECODE_ROWS at a time
+ * in each block of columns, which stays in L2 between them. 0, or -1 when out of memory. */
+static int int4_decode(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int rows, int n,
+                       int k, int group, int bits) {
+    static const decode_block by_rows[2][DECODE_ROWS] = {
+        {int4_decode_8_1, int4_decode_8_2, int4_decode_8_3, int4_decode_8_4},
+        {int4_decode_16_1, int4_decode_16_2, int4_decode_16_3, int4_decode_16_4}};
+    quantized_rows xq;
+    if (quantize_rows(x, rows, k, group, bits, &xq)) return -1;
     const uint32_t *pairs = (const uint32_t *)scales_zeros;
 #pragma omp parallel for schedule(static)
     for (int block = 0; block < n / 64; block++) {
         const uint8_t *codes = w + (size_t)block * k * 32;
-        for (int m = 0; m < rows; m += Q8_ROWS) {
-            int take = rows - m < Q8_ROWS ? rows - m : Q8_ROWS;
-            switch (take) {
-                case 1: int4_decode_q8_1(codes, pairs + block * 64, &xq, m, y + block * 64, n, k, group); break;
-                case 2: int4_decode_q8_2(codes, pairs + block * 64, &xq, m, y + block * 64, n, k, group); break;
-                case 3: int4_decode_q8_3(codes, pairs + block * 64, &xq, m, y + block * 64, n, k, group); break;
-                default: int4_decode_q8_4(codes, pairs + block * 64, &xq, m, y + block * 64, n, k, group);
-            }
+        for (int m = 0; m < rows; m += DECODE_ROWS) {
+            int take = rows - m < DECODE_ROWS ? rows - m : DECODE_ROWS;
+            by_rows[bits == 16][take - 1](codes, pairs + block * 64, &xq, m, y + block * 64, n, k, group);
         }
     }
     free(xq.q), free(xq.scales);
     return 0;
+}
+
+int int4_decode_int8_activations(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y,
+                                 int rows, int n, int k, int group) {
+    return int4_decode(x, w, scales_zeros, y, rows, n, k, group, 8);
+}
+
+int int4_decode_int16_activations(const uint16_t *x, const uint8_t *w, const uint16_t *scales_zeros, float *y,
+                                  int rows, int n, int k, int group) {
+    return int4_decode(x, w, scales_zeros, y, rows, n, k, group, 16);
 }
