@@ -242,8 +242,8 @@ def takes_int4_amx(x: Tensor, module) -> bool:
     """Whether int4_matmul_amx can run this Int4Linear's product for x: amx_min_rows_int4 to AMX_MAX_ROWS bf16 rows,
     torch's AVX-512 layout in whole blocks of 64 rows with bf16 scales, in_features in whole tiles."""
     return (amx_min_rows_int4(module) <= x.shape[0] <= AMX_MAX_ROWS and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16
-            and (module.block_rows, module.half_split) == (64, True) and module.out_features % 64 == 0
+            and x.dtype == torch.bfloat16 and (module.block_rows, module.half_split) == (64, True)
+            and module.out_features % 64 == 0
             and module.scales_and_zeros.dtype == torch.bfloat16 and module.in_features % 32 == 0
             and amx_library() is not None)
 

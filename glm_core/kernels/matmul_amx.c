@@ -313,8 +313,7 @@ static int quantize_rows(const uint16_t *x, int rows, int k, int group, int bits
                 index[4 * j + t] = (uint8_t)(BITS == 8 ? 32 * t + j : t % 2 ? 64 : 32 * (t / 2) + j);          \
         const __m512i first = _mm512_loadu_si512(index);                                                       \
         const __m512i second = _mm512_add_epi8(first, _mm512_set1_epi32(BITS == 8 ? 0x10101010 : 0x00100010)); \
-        const __m512i low4 = _mm512_set1_epi8(BITS == 8 ? 0x0F : 0), high4 = _mm512_set1_epi32(0x00F000F0);    \
-        const __m512i low4w = _mm512_set1_epi32(0x000F000F), none = _mm512_setzero_si512();                    \
+        const __m512i low4 = _mm512_set1_epi8(0x0F), none = _mm512_setzero_si512();                            \
         __m512 out[ROWS][4];                                                                                   \
         for (int r = 0; r < ROWS; r++)                                                                         \
             for (int i = 0; i < 4; i++) out[r][i] = _mm512_setzero_ps();                                       \
@@ -328,22 +327,14 @@ static int quantize_rows(const uint16_t *x, int rows, int k, int group, int bits
                     for (int i = 0; i < 4; i++) sums[r][i] = _mm512_setzero_si512();                           \
                 for (int kk = 32 * b; kk < 32 * b + 32; kk += STEP) {                                          \
                     const uint8_t *at = codes + (size_t)kk * 32;                                               \
-                    __m512i w[4];                                                                              \
                     _mm_prefetch((const char *)(at + DECODE_PREFETCH), _MM_HINT_T1);                           \
-                    if (BITS == 8) {                                                                           \
-                        _mm_prefetch((const char *)(at + DECODE_PREFETCH + 64), _MM_HINT_T1);                  \
-                        __m512i k01 = _mm512_loadu_si512(at), k23 = _mm512_loadu_si512(at + 64);               \
-                        __m512i p0 = _mm512_permutex2var_epi8(k01, first, k23);                                \
-                        __m512i p1 = _mm512_permutex2var_epi8(k01, second, k23);                               \
-                        w[0] = _mm512_and_si512(p0, low4), w[1] = _mm512_and_si512(p1, low4);                  \
-                        w[2] = _mm512_andnot_si512(low4, p0), w[3] = _mm512_andnot_si512(low4, p1);            \
-                    } else {                                                                                   \
-                        __m512i k01 = _mm512_loadu_si512(at);                                                  \
-                        __m512i p0 = _mm512_permutex2var_epi8(k01, first, none);                               \
-                        __m512i p1 = _mm512_permutex2var_epi8(k01, second, none);                              \
-                        w[0] = _mm512_and_si512(p0, low4w), w[1] = _mm512_and_si512(p1, low4w);                \
-                        w[2] = _mm512_and_si512(p0, high4), w[3] = _mm512_and_si512(p1, high4);                \
-                    }                                                                                          \
+                    if (BITS == 8) _mm_prefetch((const char *)(at + DECODE_PREFETCH + 64), _MM_HINT_T1);       \
+                    __m512i k01 = _mm512_loadu_si512(at), k23 = BITS == 8 ? _mm512_loadu_si512(at + 64) : none; \
+                    __m512i p0 = _mm512_permutex2var_epi8(k01, first, k23);                                    \
+                    __m512i p1 = _mm512_permutex2var_epi8(k01, second, k23);                                   \
+                    /* nibbles byte by byte: int16's zero high bytes stay zero */                             \
+                    __m512i w[4] = {_mm512_and_si512(p0, low4), _mm512_and_si512(p1, low4),                    \
+                                    _mm512_andnot_si512(low4, p0), _mm512_andnot_si512(low4, p1)};             \
                     for (int r = 0; r < ROWS; r++) {                                                           \
                         int32_t both;   /* int8's quad or int16's pair of activations */                       \
                         memcpy(&both, (const char *)x->q + ((size_t)(m + r) * k + kk) * (BITS / 8), 4);        \
