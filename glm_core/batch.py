@@ -120,7 +120,7 @@ class _Row:
 
 class PaddedBatcher(Batcher):
     """transformers causal LMs through their public forward: the running sequences are the rows of one
-    DynamicCache, left-padded to a common length, stepped together with an attention mask and position ids.
+    DynamicCache (with growing_cache's layers), left-padded to a common length, stepped together with an attention mask and position ids.
     A new prompt runs on a DynamicCache of its own (in chunks) and is spliced in when it is done; a finished row
     is cut out and, kept, becomes a cache of its own again (its padding dropped)."""
 
@@ -133,8 +133,8 @@ class PaddedBatcher(Batcher):
         self.mask: Tensor | None = None   # [rows, length] 1 = a real position, 0 = left padding
 
     def _new_cache(self):
-        from transformers import DynamicCache
-        return DynamicCache(config=self.hf.config)
+        from .growing_cache import growing_cache
+        return growing_cache(self.hf.config)
 
     def open(self, ids: list[int], key: str | None = None) -> Sequence:
         if not ids:

@@ -119,3 +119,35 @@ def test_the_embedded_gguf_is_dequantized_once_and_kept(embedded_engine, monkeyp
     ids = embedded_engine.prompt_ids(QUESTION)
     assert again.prompt_ids(QUESTION) == ids
     assert again.generate_ids(ids, max_new_tokens=8) == embedded_engine.generate_ids(ids, max_new_tokens=8)
+
+
+def test_decode_steps_write_the_cache_in_place_with_the_same_logits(embedded_engine, monkeypatch):
+    """A decode step adds its position to the cache's room, not to a copy of the whole cache (transformers'
+    DynamicLayer concatenates: a step's cost grew with the conversation), and the model computes what it computes on
+    transformers' own cache: the same logits, the room regrown past KV_GROWTH positions included."""
+    from transformers import DynamicCache
+
+    from glm_core import growing_cache
+    from glm_core.batch import PaddedBatcher
+
+    monkeypatch.setattr(growing_cache, "KV_GROWTH", 16)
+    ids = embedded_engine.prompt_ids(QUESTION)
+    steps = 16 - len(ids) % 16 + 4   # past the prompt's room: one regrowth
+
+    def run(batcher):
+        seq = batcher.open(ids)
+        logits = [batcher.step(seq, [])[seq]]
+        storages = set()
+        for _ in range(steps):
+            logits.append(batcher.step(None, [(seq, int(logits[-1].argmax()))])[seq])
+            storages.add(batcher.cache.layers[0].keys.untyped_storage().data_ptr())
+        batcher.close(seq, keep=False)
+        return torch.stack(logits), storages
+
+    growing, growing_storages = run(PaddedBatcher(embedded_engine.model))
+    transformers_own = PaddedBatcher(embedded_engine.model)
+    transformers_own._new_cache = lambda: DynamicCache(config=embedded_engine.model.config)
+    reference, reference_storages = run(transformers_own)
+    assert len(reference_storages) == steps          # a fresh tensor every step
+    assert len(growing_storages) == 2                 # the first room, and the one it grew into
+    torch.testing.assert_close(growing, reference, rtol=0, atol=0)
