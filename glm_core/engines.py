@@ -143,7 +143,8 @@ GLM_DEFAULTS = {
 
 def graphed_decode(model, device: str):
     """CUDA graphs for a lone sequence's decode steps: on CUDA, for ChatGLM2/3, unless GLM_STUDIO_CUDA_GRAPHS=0.
-    Not on CPU, where there are none (see BENCHMARKS.md for what torch.compile gave there)."""
+    Not on CPU, where there are none; torch.compile, the CPU's nearest thing, made the embedded model's decode slower
+    after minutes of compiling (BENCHMARKS.md, "The embedded model's decode steps")."""
     if not device.startswith("cuda") or not hasattr(model, "decode_at") or os.environ.get("GLM_STUDIO_CUDA_GRAPHS") == "0":
         return None
     from .cuda_graphs import GraphedDecode

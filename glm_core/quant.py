@@ -93,7 +93,8 @@ def onednn_for_fp32_linears() -> bool:
     paths on CPUs not made by Intel: on a 2-core AMD EPYC (Zen 5, torch 2.13, weights streamed from memory) its
     products read 11-14 GB/s whatever the rows or threads, oneDNN's 29-33 GB/s: 1.3-3.2x faster from 1 to 32 rows,
     1.8-2.2x at 512, the same with both held to AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS). On Intel CPUs
-    MKL stays: not measured here to lose."""
+    MKL stays: on a 2-core AMX Xeon the embedded model (fp32) decoded 15.2-17.9 tok/s with MKL, 12.1-13.8 with
+    oneDNN's packed weights, three alternating pairs."""
     try:
         with open("/proc/cpuinfo") as f:
             intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
