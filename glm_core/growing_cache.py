@@ -3,7 +3,7 @@
 transformers' DynamicLayer concatenates on every update: each decode step copies the layer's whole cache into a
 fresh tensor, so a step's cost grows with the conversation. The embedded model on a 2-core AMX Xeon, after a prompt
 of 4000 tokens, decoded 12.5-12.7 tok/s (int4) and 11.2-11.8 (fp32) with those copies, 18.3-18.6 and 14.4-14.9
-without (BENCHMARKS.md); after 32 tokens the same within noise. GrowingLayer keeps room for KV_GROWTH more
+without (BENCHMARKS.md); after 32 tokens the same within noise. GrowingLayer keeps room in whole chunks of KV_GROWTH
 positions and writes into it. `keys` and `values` stay what transformers and batch.PaddedBatcher read and assign:
 the written positions (a view of the room). One assigned from outside (a splice, a crop, a row cut out) becomes the
 layer's content, moved into new room at the next update.
@@ -14,7 +14,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-KV_GROWTH = 256   # positions a full layer grows by: a copy of the cache every 256 decode steps, not every step
+from .kvcache import CHUNK as KV_GROWTH   # room grows as the native models' KVCache grows: whole chunks of positions
 
 
 class GrowingLayer(DynamicLayer):
@@ -47,7 +47,7 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         length, new = self._keys.shape[-2], key_states.shape[-2]
         if self._room_keys is None or self._room_values is None or length + new > self._room_keys.shape[-2]:
-            capacity = (length + new + KV_GROWTH) // KV_GROWTH * KV_GROWTH
+            capacity = -(-(length + new) // KV_GROWTH) * KV_GROWTH
             self._room_keys = _room(self._keys, key_states, capacity)
             self._room_values = _room(self._values, value_states, capacity)
         self._room_keys.narrow(-2, length, new).copy_(key_states)
