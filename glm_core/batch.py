@@ -120,9 +120,9 @@ class _Row:
 
 class PaddedBatcher(Batcher):
     """transformers causal LMs through their public forward: the running sequences are the rows of one
-    DynamicCache (with growing_cache's layers), left-padded to a common length, stepped together with an attention mask and position ids.
-    A new prompt runs on a DynamicCache of its own (in chunks) and is spliced in when it is done; a finished row
-    is cut out and, kept, becomes a cache of its own again (its padding dropped)."""
+    DynamicCache (growing_cache's: positions written in place), left-padded to a common length, stepped together
+    with an attention mask and position ids. A new prompt runs on a cache of its own (in chunks) and is spliced in
+    when it is done; a finished row is cut out and, kept, becomes a cache of its own again (its padding dropped)."""
 
     def __init__(self, hf_model, max_kept: int = MAX_KEPT):
         super().__init__(max_kept)
