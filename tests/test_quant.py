@@ -711,6 +711,76 @@ def test_quantize_model_replaces_in_place(precision, tolerance):
     assert ((after - before).norm() / before.norm()) < tolerance
 
 
+def gguf_q8_0(rows: int, columns: int, seed: int) -> torch.Tensor:
+    """A float weight as a GGUF Q8_0 tensor holds it: quantized by gguf-py (llama.cpp's quantizer), dequantized as
+    transformers does on load."""
+    from gguf import GGMLQuantizationType, quants
+    w = torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).numpy()
+    w[1, :32] = 0   # a block of zeros: scale 0
+    stored = quants.quantize(w, GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(quants.dequantize(stored, GGMLQuantizationType.Q8_0).copy())
+
+
+def test_q8_0_tables_give_a_gguf_q8_0_tensor_back_exactly_and_nothing_else():
+    w = gguf_q8_0(40, 96, seed=1)
+    codes, scales = quant.q8_0_tables(w)
+    assert codes.dtype == torch.int8 and scales.shape == (40, 3) and codes.abs().max() == 127
+    assert torch.equal(quant.Q8_0Linear(codes, scales).dequantize(), w)
+    ids = torch.tensor([[3, 1], [39, 0]])
+    assert torch.equal(quant.Int8Embedding(codes, scales)(ids), w[ids])
+    nudged = w.clone()
+    nudged[7, 50] = torch.nextafter(nudged[7, 50], torch.tensor(1e9))   # one weight off the block's grid
+    assert quant.q8_0_tables(nudged) is None
+    assert quant.q8_0_tables(torch.randn(40, 96)) is None          # plain floats
+    assert quant.q8_0_tables(w[:, :80]) is None                   # not whole blocks
+    assert quant.q8_0_tables(w.bfloat16()) is None                # not the fp32 weights
+    assert quant.q8_0_tables(w / 3) is None                       # off the grid: 127 * scale is not the block's largest
+
+
+needs_native_library = pytest.mark.skipif(
+    not native.wanted() or not native.compiler_path(),
+    reason="the Q8_0 product is glm_core.native's (AVX2, built by a C compiler)")
+
+
+@needs_native_library
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 40])
+@pytest.mark.parametrize("out_features, in_features", [(2, 32), (38, 96), (300, 576)])
+def test_q8_0_product_is_the_exact_weights_summed_in_fp32(out_features, in_features, rows):
+    """Rows in whole and partial passes of the kernel (4 at a time), for every row count: one (decode) to many."""
+    w = gguf_q8_0(out_features, in_features, seed=out_features + rows)
+    module = quant.Q8_0Linear(*quant.q8_0_tables(w))
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    assert native.takes_q8_0(x, module)
+    y = module(x).double()
+    ref = x.double() @ w.double().t()
+    assert ((y - ref).abs() <= error_bound(x.double(), w.double(), torch.float32)).all()
+    assert torch.equal(module(x[-1:]), module(x)[-1:])   # a row's product is the same alone or in a batch
+    assert module(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_native_library
+def test_keep_q8_0_tables_shrinks_a_tied_q8_0_table_and_keeps_the_logits(monkeypatch):
+    torch.manual_seed(5)
+    model = TinyLM().eval()
+    with torch.no_grad():
+        model.embed.weight.copy_(gguf_q8_0(50, 64, seed=2))
+    plain = TinyLM().eval()   # a table that is not Q8_0 stays as it is
+    ids = torch.arange(50)
+    with torch.no_grad():
+        before = model(ids)
+        assert quant.keep_q8_0_tables(model) == 1 and quant.keep_q8_0_tables(plain) == 0
+        after = model(ids)
+        monkeypatch.setattr(native, "takes_q8_0", lambda x, module: False)
+        without_kernel = model(ids)
+    assert isinstance(model.embed, quant.Int8Embedding) and isinstance(model.lm_head, quant.Q8_0Linear)
+    assert model.lm_head.qweight is model.embed.qweight and model.lm_head.scales is model.embed.scales
+    assert type(plain.embed) is nn.Embedding and type(plain.lm_head) is nn.Linear
+    hidden = model.proj_out(model.shared(model.shared(model.embed(ids) + model.blocks(model.embed(ids)))))
+    bound = error_bound(hidden.double(), model.lm_head.dequantize().double(), torch.float32)
+    assert ((after.double() - before.double()).abs() <= 2 * bound).all()   # two fp32 summation orders of one sum
+    torch.testing.assert_close(without_kernel, after)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it on a lent GPU machine)")
 def test_cuda_products_match_the_reference():
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(6)).cuda()

@@ -1,8 +1,10 @@
 /* Products for AVX2 CPUs, where torch's kernels are slower than memory (decode: a row or a few) or the CPU's
  * arithmetic (prompts: many rows) allows. Built by glm_core/native.py on first use; plain C + OpenMP (the process's
- * libgomp, so torch's thread count applies). Activations are bf16, outputs fp32. bf16 and int8 weights multiply
- * the activations widened exactly, sums in fp32; int4 weights multiply them quantized to int8 (the section after the
- * tiles). The last section dequantizes int4 and int8 weights to bf16 for torch's GEMMs, on any CPU with AVX2. */
+ * libgomp, so torch's thread count applies). Activations are bf16 (fp32 for a GGUF Q8_0 tensor's product, on any
+ * CPU with AVX2), outputs fp32. bf16 and int8 weights multiply the activations widened exactly, sums in fp32 (Q8_0:
+ * codes widened exactly, products and sums in fp32); int4 weights multiply them quantized to int8 (the section
+ * after the tiles). The last section dequantizes int4 and int8 weights to bf16 for torch's GEMMs, on any CPU with
+ * AVX2. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -193,6 +195,49 @@ int int8_matmul(const uint16_t *x, const int8_t *w, const uint16_t *scales, floa
                       y + (size_t)m * n + quad * ROWS_W, k);
     free(xf);
     return 0;
+}
+
+/* A GGUF Q8_0 tensor: int8 codes [n][k] with one fp32 scale per block of 32 columns [n][k / 32]. Q8_0_W weight rows
+ * against up to Q8_0_X activation rows (fp32, row stride k): each block's codes widened to fp32 once per pass, their
+ * sum of products with each row in fp32, times the block's scale into that row's total. Independent totals keep
+ * the FMA units busy with a single activation row (decode). */
+#define Q8_0_W 2
+#define Q8_0_X 4
+#define Q8_0_PREFETCH 4096   /* bytes of codes ahead, into L2: the codes stream from memory */
+static void q8_0_rows(const int8_t *w, const float *scales, const float *x, float *y, int rows, int ldy, int k) {
+    __m256 acc[Q8_0_W][Q8_0_X];
+    for (int r = 0; r < Q8_0_W; r++)
+        for (int m = 0; m < rows; m++) acc[r][m] = _mm256_setzero_ps();
+    for (int b = 0; b < k / 32; b++) {
+        for (int r = 0; r < Q8_0_W; r++) {
+            const int8_t *at = w + (size_t)r * k + 32 * b;
+            _mm_prefetch((const char *)at + Q8_0_PREFETCH, _MM_HINT_T1);
+            __m256i q = _mm256_loadu_si256((const __m256i *)at);
+            __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+            __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+            __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+            __m256 scale = _mm256_set1_ps(scales[(size_t)r * (k / 32) + b]);
+            for (int m = 0; m < rows; m++) {
+                const float *xb = x + (size_t)m * k + 32 * b;
+                __m256 s01 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(xb)));
+                __m256 s23 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), _mm256_mul_ps(w2, _mm256_loadu_ps(xb + 16)));
+                acc[r][m] = _mm256_fmadd_ps(scale, _mm256_add_ps(s01, s23), acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < Q8_0_W; r++)
+        for (int m = 0; m < rows; m++) y[(size_t)m * ldy + r] = hsum(acc[r][m]);
+}
+
+/* y [rows, n] fp32 = x [rows, k] fp32 @ W.T for a Q8_0 tensor W [n, k] (above); n a multiple of Q8_0_W, k of 32. */
+void q8_0_matmul(const float *x, const int8_t *w, const float *scales, float *y, int rows, int n, int k) {
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < n; j += Q8_0_W)
+        for (int m = 0; m < rows; m += Q8_0_X)
+            q8_0_rows(w + (size_t)j * k, scales + (size_t)j * (k / 32), x + (size_t)m * k, y + (size_t)m * n + j,
+                      rows - m < Q8_0_X ? rows - m : Q8_0_X, n, k);
 }
 
 /* Several activation rows: each block of 32 output columns is decoded a tile of k at a time into fp32 [tile_k][32]
