@@ -12,7 +12,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class GLMConfig:
-    version: int                 # 1 = ChatGLM-6B, 2 = ChatGLM2-6B, 3 = ChatGLM3-6B
+    version: int                 # 1 = ChatGLM-6B, 2 = ChatGLM2-6B, 3 = ChatGLM3-6B; 0 = a Llama on v2's blocks
     num_layers: int
     hidden_size: int
     num_heads: int

@@ -1,4 +1,4 @@
-"""A CUDA graph for the decode step of a lone sequence (ChatGLM2/3 on CUDA).
+"""A CUDA graph for the decode step of a lone sequence (ChatGLM2/3 and the Llama family on their blocks, on CUDA).
 
 Eager decoding on a GPU is bound by launching kernels one by one from Python (a few hundred per token for 28
 layers): the GPU waits for the CPU. A CUDA graph records a whole step once and replays it with one launch. It

@@ -59,7 +59,7 @@ class Engine:
     def logits(self, ids: list[int]) -> torch.Tensor:
         """[len(ids), output rows] float32: every position of ids, alone (no cache kept)."""
         with torch.inference_mode():
-            if self.family == "transformers":
+            if isinstance(self.batcher, PaddedBatcher):
                 x = torch.tensor([ids], device=self.model.device)
                 return self.model(input_ids=x, use_cache=False).logits[0].float()
             return self.model.logits(ids)
@@ -142,7 +142,8 @@ GLM_DEFAULTS = {
 
 
 def graphed_decode(model, device: str):
-    """CUDA graphs for a lone sequence's decode steps: on CUDA, for ChatGLM2/3, unless GLM_STUDIO_CUDA_GRAPHS=0.
+    """CUDA graphs for a lone sequence's decode steps: on CUDA, for ChatGLM2/3 and the Llama family on their blocks
+    (model_llama), unless GLM_STUDIO_CUDA_GRAPHS=0.
     Not on CPU, where there are none; torch.compile, the CPU's nearest thing, made the embedded model's decode slower
     after minutes of compiling (BENCHMARKS.md, "The embedded model's decode steps")."""
     if not device.startswith("cuda") or not hasattr(model, "decode_at") or os.environ.get("GLM_STUDIO_CUDA_GRAPHS") == "0":
@@ -228,7 +229,9 @@ def load_gguf(source: str, gguf_file: str, dtype: torch.dtype):
 
 
 def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
-                      progress: Progress | None = None, exact: bool = False) -> Engine:
+                      progress: Progress | None = None, exact: bool = False, native_blocks: bool = True) -> Engine:
+    """A transformers causal LM. A Llama-family one runs on this package's blocks (model_llama) unless native_blocks
+    is False; any other through transformers' forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -252,13 +255,19 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
     if not tok.chat_template:
         raise ModelLoadError(f"{name!r} has no chat template in its tokenizer; GLM Studio needs one to chat")
     hf.eval().to(device)
+    from .model_llama import from_transformers
+    native = from_transformers(hf) if native_blocks else None
+    model = native if native is not None else hf
+    output_layer = "transformer.output_layer" if native is not None else "lm_head"
     if precision in ("int8", "int4"):
         from .quant import quantize_model
         # Groups of 32, as the GGUF blocks the embedded model comes from: coarser groups re-round it (top-1 67% vs 97%).
-        quantize_model(hf, precision, group_size=32, skip=lambda n: n == "lm_head", exact=exact)
+        quantize_model(model, precision, group_size=32, skip=lambda n: n == output_layer, exact=exact)
     if not exact:
-        from .quant import route_linears
-        route_linears(hf)
+        from .quant import keep_q8_0_tables, route_linears
+        if "gguf_file" in extra:
+            keep_q8_0_tables(model)   # the GGUF's Q8_0 tables, dequantized to fp32 on load, back to their own size
+        route_linears(model)
     if progress:
         progress(2, 2, "ready")
 
@@ -272,12 +281,13 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
         stop.update(eos)
     context = getattr(hf.config, "max_position_embeddings", None) or tok.model_max_length
     return Engine(
-        name=name, family="transformers", precision=precision, device=device, model=hf, batcher=PaddedBatcher(hf),
+        name=name, family="transformers", precision=precision, device=device, model=model,
+        batcher=PaddedBatcher(hf) if native is None else NativeBatcher(native, graphed=graphed_decode(native, device)),
         encode=lambda text: tok.encode(text, add_special_tokens=False),
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
         build_prompt=build_prompt, stop_ids=stop, context_length=int(context), vocab_limit=len(tok),
         default_params=GenerationParams(max_new_tokens=512, temperature=0.7, top_p=0.9),
-        weights_bytes=tensor_bytes(hf), tokenizer=tok,
+        weights_bytes=tensor_bytes(model), tokenizer=tok,
     )
 
 

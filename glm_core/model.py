@@ -82,6 +82,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
+    round_first = False   # transformers' Llama rounds the normalized x to its dtype before the weight multiplies it
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -90,13 +92,19 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.round_first:
+            return self.weight * x32.to(x.dtype)
         return (self.weight * x32).to(x.dtype)
 
 
+Rotate = Callable[[Tensor, Tensor, Tensor], Tensor]   # (x [rows, heads, D], cos, sin) -> x with positions applied
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, config: GLMConfig):
+    def __init__(self, config: GLMConfig, rotate: Rotate = apply_rotary):
         super().__init__()
         self.num_heads, self.kv_groups, self.head_dim = config.num_heads, config.kv_groups, config.head_dim
+        self.rotate = rotate
         qkv_rows = (config.num_heads + 2 * config.kv_groups) * config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, qkv_rows, bias=config.qkv_bias)
         self.dense = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
@@ -108,8 +116,8 @@ class SelfAttention(nn.Module):
         H, G, D = self.num_heads, self.kv_groups, self.head_dim
         rows = x.shape[0]
         q, k, v = linear(self.query_key_value, x).split([H * D, G * D, G * D], dim=-1)
-        q = apply_rotary(q.view(rows, H, D), cos, sin).transpose(0, 1)   # [heads, rows, D]
-        k = apply_rotary(k.view(rows, G, D), cos, sin).transpose(0, 1)
+        q = self.rotate(q.view(rows, H, D), cos, sin).transpose(0, 1)   # [heads, rows, D]
+        k = self.rotate(k.view(rows, G, D), cos, sin).transpose(0, 1)
         v = v.view(rows, G, D).transpose(0, 1)
         return linear(self.dense, attend(q, k, v))
 
@@ -189,10 +197,10 @@ class MLP(nn.Module):
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, config: GLMConfig):
+    def __init__(self, config: GLMConfig, rotate: Rotate = apply_rotary):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attention = SelfAttention(config)
+        self.self_attention = SelfAttention(config, rotate)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
@@ -253,13 +261,13 @@ class SequenceVerbs(nn.Module):
 
 
 class ChatGLM(SequenceVerbs):
-    def __init__(self, config: GLMConfig):
+    def __init__(self, config: GLMConfig, rotate: Rotate = apply_rotary):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             embedding=nn.ModuleDict(dict(word_embeddings=nn.Embedding(config.vocab_size, config.hidden_size))),
             encoder=nn.ModuleDict(dict(
-                layers=nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers)),
+                layers=nn.ModuleList(GLMBlock(config, rotate) for _ in range(config.num_layers)),
                 final_layernorm=RMSNorm(config.hidden_size, config.norm_eps),
             )),
             output_layer=nn.Linear(config.hidden_size, config.vocab_size, bias=False),
@@ -294,6 +302,10 @@ class ChatGLM(SequenceVerbs):
         """Any chunking of a causal prompt is exact."""
         return 1
 
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin for the rows at these positions, as `rotate` takes them."""
+        return rotary(self.config, positions, self.dtype)
+
     def hidden(self, segments: list[Segment]) -> Tensor:
         """Final-normed hidden states [rows, hidden] of every segment's ids, their keys and values stored in the
         segment's cache after what it held (which then holds them too)."""
@@ -305,7 +317,7 @@ class ChatGLM(SequenceVerbs):
         all_ids = [i for _, ids in segments for i in ids]
         positions = torch.cat([torch.arange(start, start + T) for _, start, T in spans]).to(self.device)
         x = self.transformer.embedding.word_embeddings(torch.tensor(all_ids, device=self.device)).to(self.dtype)
-        cos, sin = rotary(self.config, positions, self.dtype)
+        cos, sin = self.rope(positions)
         with attention_kernels(self.dtype):
             for i, layer in enumerate(self.transformer.encoder.layers):
                 x = layer(x, cos, sin, partial(attend_segments, i, spans))
@@ -319,7 +331,7 @@ class ChatGLM(SequenceVerbs):
         its full length (cache.reserve_full()); the caller appends the token to cache.ids. Every shape
         and address is fixed, so a CUDA graph can capture it (cuda_graphs.GraphedDecode)."""
         x = self.transformer.embedding.word_embeddings(token).to(self.dtype)
-        cos, sin = rotary(self.config, position, self.dtype)
+        cos, sin = self.rope(position)
         visible = (torch.arange(cache.capacity, device=self.device) <= position)[None, None]
         for i, layer in enumerate(self.transformer.encoder.layers):
             x = layer(x, cos, sin, partial(attend_at, i, cache, position, visible))

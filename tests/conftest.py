@@ -23,6 +23,15 @@ def embedded_engine():
     return glm_core.load(glm_core.EMBEDDED, precision="fp32")
 
 
+@pytest.fixture(scope="session")
+def padded_engine():
+    """The embedded model through transformers' own forward (batch.PaddedBatcher), as models the native blocks do not
+    run go: the engine's other path, on the same real model."""
+    import glm_core
+    from glm_core.engines import load_transformers
+    return load_transformers(glm_core.EMBEDDED, precision="fp32", native_blocks=False)
+
+
 @pytest.fixture
 def store():
     """The same store the app under test writes to (the process-wide one)."""

@@ -52,11 +52,13 @@ def test_quantized_linear_on_cuda_equals_the_same_quantization_on_cpu(precision)
     assert torch.allclose(got, dense, rtol=2e-2, atol=2e-2 * dense.abs().max().item())
 
 
-@pytest.mark.parametrize("name,precision", [("v2", "fp32"), ("v3", "bf16"), ("v2", "int4"), ("v2_int8", "int8")])
+@pytest.mark.parametrize("name,precision", [("v2", "fp32"), ("v3", "bf16"), ("v2", "int4"), ("v2_int8", "int8"),
+                                            ("embedded", "bf16")])
 def test_cuda_graph_decode_equals_eager_decode(name, precision, monkeypatch):
     """Two sequences taking turns with the one graph (each taking its tensor in turn), against the same steps run
-    eagerly."""
-    engine = glm_core.load(str(FIXTURES / name), precision=precision, device="cuda")
+    eagerly. The embedded model: a Llama on the native blocks (model_llama)."""
+    source = glm_core.EMBEDDED if name == "embedded" else str(FIXTURES / name)
+    engine = glm_core.load(source, precision=precision, device="cuda")
     assert engine.batcher.graphed is not None
     prompts = [engine.prompt_ids([{"role": "user", "content": q}]) for q in ("你好", "晚上睡不着应该怎么办")]
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import glm_core
-from glm_core import GenerationParams, ReplyStats
+from glm_core import GenerationParams, ReplyStats, native, quant
+from quant_sweep import error_bound
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -27,31 +28,41 @@ def test_generate_ids_end_with_the_stop_id(embedded_engine):
     out = embedded_engine.generate_ids(ids, max_new_tokens=24)
     assert out[-1] in embedded_engine.stop_ids
     assert embedded_engine.decode(out[:-1]).strip().startswith("The capital of France")
-    rows = embedded_engine.model.get_output_embeddings().out_features   # one logit per output-layer row
+    rows = embedded_engine.model.transformer.output_layer.out_features   # one logit per output-layer row
     assert rows >= embedded_engine.vocab_limit
     assert embedded_engine.logits(ids).shape == (len(ids), rows)
 
 
-def test_next_turn_reuses_the_kv_cache_and_matches_a_fresh_run(embedded_engine):
+@pytest.mark.parametrize("engine_fixture", ["embedded_engine", "padded_engine"])
+def test_next_turn_reuses_the_kv_cache_and_matches_a_fresh_run(engine_fixture, request, monkeypatch):
+    """On the native blocks (KVCache per sequence) and through transformers' forward (PaddedBatcher's caches)."""
+    engine = request.getfixturevalue(engine_fixture)
     params = GenerationParams(max_new_tokens=12, do_sample=False)
-    reply = "".join(embedded_engine.stream_chat(QUESTION, params))
+    reply = "".join(engine.stream_chat(QUESTION, params))
     follow_up = QUESTION + [{"role": "assistant", "content": reply},
                             {"role": "user", "content": "And of Germany?"}]
-    kept_ids = embedded_engine.batcher.kept[-1][1][1]   # the first turn's cache is kept with its ids
-    ids = embedded_engine.prompt_ids(follow_up)
+    kept = engine.batcher.kept[-1][1]   # the first turn's cache is kept with its ids
+    kept_ids = kept.ids if engine_fixture == "embedded_engine" else kept[1]
+    ids = engine.prompt_ids(follow_up)
     shared = next(i for i, (a, b) in enumerate(zip(kept_ids + [-1], ids)) if a != b)
-    assert shared > len(embedded_engine.prompt_ids(QUESTION))
-    runs = []
-    hook = embedded_engine.model.register_forward_pre_hook(
-        lambda module, args, kwargs: runs.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    try:
-        cached = "".join(embedded_engine.stream_chat(follow_up, params))
-    finally:
-        hook.remove()
+    assert shared > len(engine.prompt_ids(QUESTION))
+    runs = []   # ids read by each forward pass
+    forward = engine.model.forward
+    if engine_fixture == "embedded_engine":
+        def counted(segments):   # (cache, ids) pairs
+            runs.append(sum(len(segment_ids) for _, segment_ids in segments))
+            return forward(segments)
+    else:
+        def counted(*args, **kwargs):
+            runs.append(kwargs["input_ids"].shape[1])
+            return forward(*args, **kwargs)
+    monkeypatch.setattr(engine.model, "forward", counted)
+    cached = "".join(engine.stream_chat(follow_up, params))
+    monkeypatch.undo()
     assert runs[0] == len(ids) - shared   # only the ids after the shared prefix were read
-    embedded_engine.reset()
-    assert not embedded_engine.batcher.kept
-    assert "".join(embedded_engine.stream_chat(follow_up, params)) == cached
+    engine.reset()
+    assert not engine.batcher.kept
+    assert "".join(engine.stream_chat(follow_up, params)) == cached
 
 
 def test_stop_event_ends_the_reply_within_one_token_and_keeps_the_text(embedded_engine):
@@ -121,7 +132,7 @@ def test_the_embedded_gguf_is_dequantized_once_and_kept(embedded_engine, monkeyp
     assert again.generate_ids(ids, max_new_tokens=8) == embedded_engine.generate_ids(ids, max_new_tokens=8)
 
 
-def test_decode_steps_write_the_cache_in_place_with_the_same_logits(embedded_engine, monkeypatch):
+def test_decode_steps_write_the_cache_in_place_with_the_same_logits(padded_engine, monkeypatch):
     """A decode step adds its position to the cache's room, not to a copy of the whole cache (transformers'
     DynamicLayer concatenates: a step's cost grew with the conversation), and the model computes what it computes on
     transformers' own cache: the same logits, the room regrown past KV_GROWTH positions included."""
@@ -131,7 +142,7 @@ def test_decode_steps_write_the_cache_in_place_with_the_same_logits(embedded_eng
     from glm_core.batch import PaddedBatcher
 
     monkeypatch.setattr(growing_cache, "KV_GROWTH", 16)
-    ids = embedded_engine.prompt_ids(QUESTION)
+    ids = padded_engine.prompt_ids(QUESTION)
     room = -(-len(ids) // 16) * 16
     steps = room - len(ids) + 8      # past the prompt's room, within the next: one regrowth
 
@@ -145,10 +156,65 @@ def test_decode_steps_write_the_cache_in_place_with_the_same_logits(embedded_eng
         batcher.close(seq, keep=False)
         return torch.stack(logits), storages
 
-    growing, growing_storages = run(PaddedBatcher(embedded_engine.model))
-    transformers_own = PaddedBatcher(embedded_engine.model)
-    transformers_own._new_cache = lambda: DynamicCache(config=embedded_engine.model.config)
+    growing, growing_storages = run(PaddedBatcher(padded_engine.model))
+    transformers_own = PaddedBatcher(padded_engine.model)
+    transformers_own._new_cache = lambda: DynamicCache(config=padded_engine.model.config)
     reference, reference_storages = run(transformers_own)
     assert len(reference_storages) == steps          # a fresh tensor every step
     assert len(growing_storages) == 2                 # the first room, and the one it grew into
     torch.testing.assert_close(growing, reference, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not native.wanted() or not native.compiler_path(),
+                    reason="the Q8_0 table is kept where glm_core.native's product runs (AVX2, built by a C compiler)")
+def test_the_embedded_models_q8_0_table_is_kept_as_stored_exactly(embedded_engine):
+    """The GGUF stores the tied embedding / output table as Q8_0; transformers dequantizes it to 113 MB of fp32. The
+    engine keeps its codes and block scales instead: the same weights, a quarter of the bytes, the output layer's
+    product the exact one summed in fp32."""
+    from safetensors import safe_open
+    from glm_core.engines import gguf_cache_dir
+    from glm_core.registry import embedded_gguf
+    with safe_open(gguf_cache_dir(embedded_gguf()) / "model.safetensors", "pt") as f:
+        table = f.get_tensor("lm_head.weight")
+    model = embedded_engine.model
+    head, embedding = model.transformer.output_layer, model.transformer.embedding.word_embeddings
+    assert isinstance(head, quant.Q8_0Linear) and isinstance(embedding, quant.Int8Embedding)
+    assert head.qweight is embedding.qweight and head.scales is embedding.scales
+    assert torch.equal(head.dequantize(), table)
+    assert head.qweight.nbytes + head.scales.nbytes < 0.3 * table.nbytes
+    ids = embedded_engine.prompt_ids(QUESTION)
+    with torch.inference_mode():
+        cache = model.new_cache()
+        hidden = model.hidden([(cache, ids)]).double()
+        assert torch.equal(embedding(torch.tensor(ids)), table[ids])
+    logits = embedded_engine.logits(ids).double()
+    assert ((logits - hidden @ table.double().t()).abs() <= error_bound(hidden, table.double(), torch.float32)).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_embedded_model_runs_on_the_native_blocks_as_transformers_computes_it(embedded_engine, padded_engine,
+                                                                                 precision):
+    """The engine runs the embedded model (a Llama) on the native blocks (model_llama); transformers' forward computes
+    the same logits. Equal bit for bit on the AMX Xeon this was written on; the bound leaves room for a GEMM library
+    that orders a fused product's sums otherwise than the three products it replaces."""
+    from glm_core.batch import NativeBatcher
+    from glm_core.engines import load_transformers
+    from glm_core.model_llama import Llama
+    native = embedded_engine if precision == "fp32" else load_transformers(glm_core.EMBEDDED, precision)
+    padded = padded_engine if precision == "fp32" else load_transformers(glm_core.EMBEDDED, precision,
+                                                                         native_blocks=False)
+    assert isinstance(native.model, Llama) and isinstance(native.batcher, NativeBatcher)
+    assert native.weights_bytes == pytest.approx(padded.weights_bytes, rel=1e-5)   # fused weights replace the parts
+    ids = native.prompt_ids(QUESTION)
+    reference = padded.logits(ids)
+    tolerance = 1e-4 * reference.abs().max().item()
+    torch.testing.assert_close(native.logits(ids), reference, rtol=0, atol=tolerance)
+    # a greedy reply on the blocks is greedy under transformers' logits, up to ties within the tolerance (where the
+    # kernels round otherwise, e.g. torch's AVX2 attention, a near tie may go the other way and the texts part)
+    native.reset()
+    ids = native.prompt_ids([{"role": "user", "content": "Tell me about the sea and the sky, in several sentences."}])
+    reply = native.generate_ids(ids, max_new_tokens=24)
+    assert len(reply) == 24
+    taught = padded.logits(ids + reply[:-1])[len(ids) - 1:]
+    chosen = taught.gather(1, torch.tensor(reply)[:, None])[:, 0]
+    assert (chosen >= taught.max(-1).values - 2 * tolerance).all()

@@ -67,13 +67,16 @@ def test_batched_greedy_equals_solo_greedy(glm_engine):
         service.close()
 
 
-def test_batched_greedy_equals_solo_on_the_embedded_model(embedded_engine):
-    service = serving(embedded_engine)
+@pytest.mark.parametrize("engine_fixture", ["embedded_engine", "padded_engine"])
+def test_batched_greedy_equals_solo_on_the_embedded_model(engine_fixture, request):
+    """On the native blocks (the embedded model's engine) and through transformers' forward (PaddedBatcher)."""
+    engine = request.getfixturevalue(engine_fixture)
+    service = serving(engine)
     try:
         params_of = lambda i: GenerationParams(max_new_tokens=16 + 4 * i, do_sample=False)   # noqa: E731
-        requests = joined_midway(service, embedded_engine, params_of)
-        for i, (request, ids) in enumerate(zip(requests, prompts(embedded_engine))):
-            assert request.stats.token_ids == solo(embedded_engine, ids, params_of(i)), i
+        requests = joined_midway(service, engine, params_of)
+        for i, (reply, ids) in enumerate(zip(requests, prompts(engine))):
+            assert reply.stats.token_ids == solo(engine, ids, params_of(i)), i
     finally:
         service.close()
 

@@ -1,0 +1,128 @@
+"""Llama-family transformers models (Llama, SmolLM2 the embedded model, Qwen2, Mistral without a sliding window) on
+this package's ChatGLM2 blocks, which compute the same thing: pre-RMSNorm blocks, grouped-query attention, a SwiGLU
+MLP. What differs is rotary embeddings (over the whole head dim, halves rotated, at the frequencies transformers
+computes for the model's rope scaling) and an output layer often tied to the embedding table.
+
+Why not transformers' own forward: a decode step of the embedded model is a few hundred small products and
+elementwise ops, and the Python around them is most of its time. These blocks do the per-step work once for the
+whole step, with q/k/v and gate/up fused into one product each (3 and 2 weight reads and calls become 1 and 1), on
+the KVCache and batching the ChatGLM models have (model.ChatGLM, batch.NativeBatcher), CUDA graphs included. On a
+2-core AMX Xeon the embedded model's int4 decode went from 62 tok/s through transformers to 80 (BENCHMARKS.md).
+
+`from_transformers(hf)` builds the model from a loaded transformers one, taking its weights over (the fused ones
+are concatenated, layer by layer, the originals dropped as it goes); None, with the reason logged, for a model these
+blocks do not compute exactly, which then runs through transformers (batch.PaddedBatcher).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .config import GLMConfig
+from .model import ChatGLM, RMSNorm
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")   # frequencies that change with the sequence: transformers' to run
+
+
+def rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [rows, heads, head_dim] with positions applied as transformers' Llama does: cos, sin [rows, 1, head_dim]
+    over the two halves of each head."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class Llama(ChatGLM):
+    """A Llama-family model in ChatGLM's module tree (config.version 0): its verbs, cache and batching; the norms round
+    as transformers' Llama rounds them (bit for bit the same logits in bf16 too)."""
+
+    def __init__(self, config: GLMConfig, inv_freq: Tensor, attention_scaling: float):
+        super().__init__(config, rotate=rotate_half)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.round_first = True
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.attention_scaling = attention_scaling
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """As transformers' rotary embedding: fp32 angles, cos and sin times the rope's attention scaling, rounded to
+        the compute dtype; [rows, 1, head_dim]."""
+        angles = torch.outer(positions.float(), self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+        return ((angles.cos() * self.attention_scaling).to(self.dtype),
+                (angles.sin() * self.attention_scaling).to(self.dtype))
+
+
+def unsupported(hf) -> str | None:
+    """Why these blocks would not compute this transformers model exactly, or None when they do."""
+    config = hf.config
+    if config.model_type not in MODEL_TYPES:
+        return f"model_type {config.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}, not silu"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return "sliding-window layers"
+    if getattr(config, "sliding_window", None) and (config.model_type == "mistral"
+                                                    or getattr(config, "use_sliding_window", False)):
+        return "a sliding window"
+    rope = getattr(hf.model, "rotary_emb", None)
+    if rope is None or getattr(rope, "rope_type", "default") in LENGTH_DEPENDENT_ROPE:
+        return f"rope {getattr(rope, 'rope_type', None)!r}"
+    for layer in hf.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        biases = [attention.q_proj.bias is not None, attention.k_proj.bias is not None,
+                  attention.v_proj.bias is not None]
+        if len(set(biases)) > 1 or attention.o_proj.bias is not None or any(
+                getattr(mlp, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj")):
+            return "biases other than on q, k and v together"
+    return None
+
+
+def from_transformers(hf) -> Llama | None:
+    """The model of a loaded transformers Llama-family model, its weights taken over (hf is emptied of its layers as
+    they are moved), or None when `unsupported` says why not (logged)."""
+    reason = unsupported(hf)
+    if reason is not None:
+        log.info("%s runs on transformers' forward: %s", type(hf).__name__, reason)
+        return None
+    c, layers = hf.config, hf.model.layers
+    first = layers[0].self_attn
+    config = GLMConfig(
+        version=0, num_layers=len(layers), hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+        head_dim=first.head_dim, kv_groups=c.num_key_value_heads, ffn_hidden_size=c.intermediate_size,
+        vocab_size=hf.model.embed_tokens.num_embeddings, seq_length=c.max_position_embeddings,
+        norm_eps=hf.model.norm.variance_epsilon, qkv_bias=first.q_proj.bias is not None)
+    rope = hf.model.rotary_emb
+    with torch.device("meta"):
+        model = Llama(config, torch.empty(0), rope.attention_scaling)
+    model.inv_freq = rope.inv_freq.detach().float().clone()
+    parts = model.transformer
+    table = hf.model.embed_tokens.weight
+    parts.embedding.word_embeddings.weight = table
+    parts.output_layer.weight = table if hf.lm_head.weight is table else hf.lm_head.weight
+    parts.encoder.final_layernorm.weight = hf.model.norm.weight
+    for i, (block, layer) in enumerate(zip(parts.encoder.layers, layers)):
+        attention, mlp = layer.self_attn, layer.mlp
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        _take(block.self_attention.query_key_value, [q, k, v])
+        _take(block.self_attention.dense, [attention.o_proj])
+        _take(block.mlp.dense_h_to_4h, [mlp.gate_proj, mlp.up_proj])
+        _take(block.mlp.dense_4h_to_h, [mlp.down_proj])
+        block.input_layernorm.weight = layer.input_layernorm.weight
+        block.post_attention_layernorm.weight = layer.post_attention_layernorm.weight
+        layers[i] = nn.Identity()   # its weights are the block's now: the fused copies replace the originals
+    return model.eval()
+
+
+def _take(target: nn.Linear, sources: list[nn.Linear]) -> None:
+    """target's weight (and bias) = the sources' stacked by rows: the one source's own tensors, or a fused copy."""
+    if len(sources) == 1:
+        target.weight, target.bias = sources[0].weight, sources[0].bias
+        return
+    target.weight = nn.Parameter(torch.cat([s.weight.detach() for s in sources]), requires_grad=False)
+    if sources[0].bias is not None:
+        target.bias = nn.Parameter(torch.cat([s.bias.detach() for s in sources]), requires_grad=False)
