@@ -9,9 +9,9 @@ whole step, with q/k/v and gate/up fused into one product each (3 and 2 weight r
 the KVCache and batching the ChatGLM models have (model.ChatGLM, batch.NativeBatcher), CUDA graphs included. On a
 2-core AMX Xeon the embedded model's int4 decode went from 62 tok/s through transformers to 80 (BENCHMARKS.md).
 
-`from_transformers(hf)` builds the model from a loaded transformers one, taking its weights over (the fused ones
-are concatenated, layer by layer, the originals dropped as it goes); None, with the reason logged, for a model these
-blocks do not compute exactly, which then runs through transformers (batch.PaddedBatcher).
+`from_transformers(hf)` builds the model from a loaded transformers one, copying its weights layer by layer (the
+fused ones concatenated) and dropping each layer as it goes; None, with the reason logged, for a model these blocks
+do not compute exactly, which then runs through transformers (batch.PaddedBatcher).
 """
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ def unsupported(hf) -> str | None:
 
 
 def from_transformers(hf) -> Llama | None:
-    """The model of a loaded transformers Llama-family model, its weights taken over (hf is emptied of its layers as
-    they are moved), or None when `unsupported` says why not (logged)."""
+    """The model of a loaded transformers Llama-family model, its weights copied (hf is emptied of its layers as they
+    are copied), or None when `unsupported` says why not (logged)."""
     reason = unsupported(hf)
     if reason is not None:
         log.info("%s runs on transformers' forward: %s", type(hf).__name__, reason)
@@ -102,27 +102,30 @@ def from_transformers(hf) -> Llama | None:
     model.inv_freq = rope.inv_freq.detach().float().clone()
     parts = model.transformer
     table = hf.model.embed_tokens.weight
-    parts.embedding.word_embeddings.weight = table
-    parts.output_layer.weight = table if hf.lm_head.weight is table else hf.lm_head.weight
-    parts.encoder.final_layernorm.weight = hf.model.norm.weight
+    parts.embedding.word_embeddings.weight = _own(table)
+    tied = hf.lm_head.weight is table
+    parts.output_layer.weight = parts.embedding.word_embeddings.weight if tied else _own(hf.lm_head.weight)
+    parts.encoder.final_layernorm.weight = _own(hf.model.norm.weight)
     for i, (block, layer) in enumerate(zip(parts.encoder.layers, layers)):
         attention, mlp = layer.self_attn, layer.mlp
-        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
-        _take(block.self_attention.query_key_value, [q, k, v])
+        _take(block.self_attention.query_key_value, [attention.q_proj, attention.k_proj, attention.v_proj])
         _take(block.self_attention.dense, [attention.o_proj])
         _take(block.mlp.dense_h_to_4h, [mlp.gate_proj, mlp.up_proj])
         _take(block.mlp.dense_4h_to_h, [mlp.down_proj])
-        block.input_layernorm.weight = layer.input_layernorm.weight
-        block.post_attention_layernorm.weight = layer.post_attention_layernorm.weight
-        layers[i] = nn.Identity()   # its weights are the block's now: the fused copies replace the originals
+        block.input_layernorm.weight = _own(layer.input_layernorm.weight)
+        block.post_attention_layernorm.weight = _own(layer.post_attention_layernorm.weight)
+        layers[i] = nn.Identity()   # the block holds copies: the layer's tensors go
     return model.eval()
 
 
+def _own(tensor: Tensor) -> nn.Parameter:
+    """A copy in memory of its own. transformers' weights may be pages of a mapped safetensors file, which stays
+    resident (the whole file) while any tensor of it lives: copies let it go with the transformers model."""
+    return nn.Parameter(tensor.detach().clone(), requires_grad=False)
+
+
 def _take(target: nn.Linear, sources: list[nn.Linear]) -> None:
-    """target's weight (and bias) = the sources' stacked by rows: the one source's own tensors, or a fused copy."""
-    if len(sources) == 1:
-        target.weight, target.bias = sources[0].weight, sources[0].bias
-        return
+    """target's weight (and bias) = the sources' stacked by rows, in memory of its own (torch.cat copies)."""
     target.weight = nn.Parameter(torch.cat([s.weight.detach() for s in sources]), requires_grad=False)
     if sources[0].bias is not None:
         target.bias = nn.Parameter(torch.cat([s.bias.detach() for s in sources]), requires_grad=False)
