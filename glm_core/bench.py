@@ -40,7 +40,7 @@ from torch import nn
 
 from .engines import Engine, tensor_bytes
 from .kvcache import KVCache
-from .quant import Int8Embedding, QuantizedLinear, storage_key
+from .quant import GGUFLinear, Int8Embedding, QuantizedLinear, storage_key
 from .registry import PRECISIONS, cache_root
 from .service import ModelService
 from .threads import ThreadPolicy
@@ -366,7 +366,7 @@ def kv_bytes_per_position(batcher, seq) -> float:
 def prefill_flops(module: nn.Module, n: int) -> float:
     """Multiply-adds x 2 of a prefill of n ids: every block linear on every id (the output layer on the last one
     only), and causal attention (scores and values: 2 * n^2/2 * width per layer, x 2 for the add)."""
-    linear_types = (nn.Linear, QuantizedLinear)
+    linear_types = (nn.Linear, QuantizedLinear, GGUFLinear)
     heads = [m for name, m in module.named_modules() if isinstance(m, linear_types)
              and not name.endswith(("output_layer", "lm_head"))]
     weights = sum(m.in_features * m.out_features for m in heads)

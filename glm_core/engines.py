@@ -264,9 +264,9 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
         # Groups of 32, as the GGUF blocks the embedded model comes from: coarser groups re-round it (top-1 67% vs 97%).
         quantize_model(model, precision, group_size=32, skip=lambda n: n == output_layer, exact=exact)
     if not exact:
-        from .quant import keep_q8_0_tables, route_linears
+        from .quant import keep_gguf_tables, route_linears
         if "gguf_file" in extra:
-            keep_q8_0_tables(model)   # the GGUF's Q8_0 tables, dequantized to fp32 on load, back to their own size
+            keep_gguf_tables(model)   # the GGUF's weights, dequantized to fp32 on load, back to their own size
         route_linears(model)
     if progress:
         progress(2, 2, "ready")

@@ -8,9 +8,9 @@ quant.QuantizedLinear.official), tiles stay codes and multiply the activations q
 (llama.cpp's Q8_0 arithmetic) with vpmaddubsw, twice the FMA rate: 512 rows 0.43 s, 8 rows 10 ms against 18.
 BENCHMARKS.md has the figures.
 
-A GGUF Q8_0 tensor kept as stored (quant.Q8_0Linear: the embedded model's tied output layer) multiplies fp32
-activations here on every CPU with AVX2: one row against its 49152 x 576 codes 1.8 ms streamed from memory on a
-2-core AMX Xeon, against 4.3 for the same weights in fp32.
+GGUF block tensors kept as stored (quant.GGUFLinear: Q8_0 and Q4_1, the embedded model's tables and layers in fp32)
+multiply fp32 activations here on every CPU with AVX2: one row against the embedded model's 49152 x 576 Q8_0 output
+layer 1.8 ms streamed from memory on a 2-core AMX Xeon, against 4.3 for the same weights in fp32.
 
 Where torch takes its AVX-512 path its kernels run the products (they are not the bottleneck there), but a prompt's
 int4 and int8 products dequantize the weight a chunk at a time into bf16 for oneDNN's GEMM, and that runs here on
@@ -90,6 +90,10 @@ AMX_MIN_ROWS_INT4 = 20
 AMX_MIN_ROWS_INT4_OFFICIAL = 128
 AMX_MIN_ROWS_INT8 = 4
 AMX_MAX_ROWS = 256
+# GGUF block tensors (fp32 activations): gguf_matmul against chunks dequantized into an fp32 GEMM, 16 / 24 rows (ms):
+# Q4_1 3072 x 576 0.73 / 1.07 against 0.65 / 0.73, Q8_0 49152 x 576 10.7 / 15.7 against 13.3 / 13.5 (one row: 0.10
+# against 0.42, 1.4 against 5.9)
+GGUF_MAX_ROWS = 16
 _build_lock = threading.Lock()
 
 
@@ -162,7 +166,8 @@ def library() -> ctypes.CDLL | None:
     lib.int8_matmul_tiled.argtypes = lib.int8_matmul.argtypes
     lib.int4_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 6
     lib.int8_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 4
-    lib.q8_0_matmul.argtypes = [pointer] * 4 + [ctypes.c_int] * 3
+    lib.gguf_matmul.argtypes = [ctypes.c_int] + [pointer] * 4 + [ctypes.c_int] * 3
+    lib.gguf_dequantize.argtypes = [ctypes.c_int] + [pointer] * 3 + [ctypes.c_int] * 3
     return lib
 
 
@@ -318,20 +323,36 @@ def takes_int8(x: Tensor, module) -> bool:
             and library() is not None)
 
 
-def takes_q8_0(x: Tensor, module) -> bool:
-    """Whether q8_0_matmul can run this Q8_0Linear's product for x: fp32, on any CPU with AVX2. Its arithmetic (AVX2
-    FMAs, about 0.5 ms a row against the embedded model's 49152 x 576 output layer on a 2-core AMX Xeon) beats
-    dequantizing for a GEMM at every row count: 48 rows 25 ms against 68 (the dequantization alone takes 45)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and module.out_features % 2 == 0
-            and library() is not None)
+GGUF_KINDS = {"q8_0": 0, "q4_1": 1}   # gguf_matmul's kind argument
 
 
-def q8_0_matmul(x: Tensor, module) -> Tensor:
-    """x [rows, in] fp32 (contiguous) @ W.T -> fp32 [rows, out] for a Q8_0Linear that takes_q8_0: each block's sum of
-    code x activation in fp32, times its scale."""
+def takes_gguf(x: Tensor, module) -> bool:
+    """Whether gguf_matmul can run this GGUFLinear's product for x: fp32, up to GGUF_MAX_ROWS rows, on any CPU with
+    AVX2."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= GGUF_MAX_ROWS
+            and module.out_features % 2 == 0 and library() is not None)
+
+
+def gguf_matmul(x: Tensor, module) -> Tensor:
+    """x [rows, in] fp32 (contiguous) @ W.T -> fp32 [rows, out] for a GGUFLinear that takes_gguf: each block's sum of
+    code x activation in fp32, times its scale (Q4_1: plus its min x the block's sum of activations)."""
     out = torch.empty(x.shape[0], module.out_features, dtype=torch.float32)
-    library().q8_0_matmul(x.data_ptr(), module.qweight.data_ptr(), module.scales.data_ptr(), out.data_ptr(),
-                          x.shape[0], module.out_features, module.in_features)
+    return _checked(library().gguf_matmul(GGUF_KINDS[module.kind], x.data_ptr(), module.qweight.data_ptr(),
+                                          module.scales.data_ptr(), out.data_ptr(), x.shape[0], module.out_features,
+                                          module.in_features), out)
+
+
+def dequantizes_gguf(module) -> bool:
+    """Whether gguf_dequantize can read this GGUFLinear's weights (on CPU, where the C library builds)."""
+    return module.qweight.device.type == "cpu" and library() is not None
+
+
+def gguf_dequantize(module, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+    """W[start:stop] of a GGUFLinear as fp32 [stop - start, in], in out's memory when given: exactly the weights."""
+    rows, k = stop - start, module.in_features
+    out = torch.empty(rows, k, dtype=torch.float32) if out is None else out[:rows * k].view(rows, k)
+    library().gguf_dequantize(GGUF_KINDS[module.kind], module.qweight.data_ptr(), module.scales.data_ptr(),
+                              out.data_ptr(), start, stop, k)
     return out
 
 

@@ -63,7 +63,7 @@ DENSE_CHUNK_ELEMENTS = 4 << 20          # weights dequantized at a time (16 MB i
 PACKED_MIN_ROWS = 4                     # rows oneDNN's packed products of large weights get at least (OneDnnLinear)
 PAD_MIN_WEIGHTS = 1 << 24               # ... large: 16M weights (every 6B block product; SmolLM2's output layer is 28M)
 INT8_KERNEL_K_MULTIPLE = 16            # _weight_int8pack_mm with bf16 input needs K % 16 (AVX-512), % 8 (AVX2)
-Q8_0_BLOCK = 32                         # columns per scale of a GGUF Q8_0 tensor
+GGUF_BLOCK = 32                         # columns per scale of GGUF's Q8_0 and Q4_1 tensors
 QUANTIZE_ROWS = 256                     # rows quantized at a time: 4 MB of fp32 scratch stays in cache (2x faster than
                                         # 2048 rows on a 2-core EPYC); whole int4 CPU blocks
 
@@ -314,8 +314,8 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int8Embedding(nn.Module):
-    """An embedding table as int8 rows with one scale per row ([rows]) or per block of Q8_0_BLOCK columns ([rows,
-    columns / Q8_0_BLOCK], a GGUF Q8_0 tensor's layout): a lookup dequantizes only the rows it takes (fp32)."""
+    """An embedding table as int8 rows with one scale per row ([rows]) or per block of GGUF_BLOCK columns ([rows,
+    columns / GGUF_BLOCK], a GGUF Q8_0 tensor's layout): a lookup dequantizes only the rows it takes (fp32)."""
 
     def __init__(self, qweight: Tensor, scales: Tensor):
         super().__init__()
@@ -329,53 +329,72 @@ class Int8Embedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         rows, scales = self.qweight[ids].float(), self.scales[ids].float()
         if self.scales.dim() == 2:
-            return (rows.unflatten(-1, (-1, Q8_0_BLOCK)) * scales[..., None]).flatten(-2)
+            return (rows.unflatten(-1, (-1, GGUF_BLOCK)) * scales[..., None]).flatten(-2)
         return rows * scales[..., None]
 
     def as_linear(self, activation_dtype: torch.dtype | None) -> nn.Module:
         """The same table as an output layer (tied weights), sharing its tensors: no bytes added (unless the width
-        needs the fused kernel's padding, see Int8Linear). Block scales: a Q8_0Linear (fp32 activations)."""
+        needs the fused kernel's padding, see Int8Linear). Block scales: a GGUFLinear (fp32 activations)."""
         if self.scales.dim() == 2:
-            return Q8_0Linear(self.qweight, self.scales)
+            return GGUFLinear("q8_0", self.qweight, self.scales)
         return Int8Linear(self.qweight, self.scales, None, activation_dtype)
 
 
-class Q8_0Linear(nn.Module):
-    """y = x @ W.T on CPU with W a GGUF Q8_0 tensor: int8 codes [out, in] and one fp32 scale per block of Q8_0_BLOCK
-    inputs [out, in / Q8_0_BLOCK], which q8_0_tables recovers exactly from the fp32 weights transformers dequantizes
-    a GGUF into. The embedded model's tied output layer: 113 MB in fp32, 31.5 MB so. Products in fp32 on
-    glm_core.native's kernel (one row, weights streamed from memory, on a 2-core AMX Xeon: 1.8 ms against 4.3 for the
-    fp32 weight); without it (keep_q8_0_tables makes none there) on the weight dequantized whole."""
+class GGUFLinear(nn.Module):
+    """y = x @ W.T on CPU with W a GGUF block tensor kept as stored, which q8_0_tables / q4_1_tables recover exactly from
+    the fp32 weights transformers dequantizes a GGUF into: `kind` "q8_0" (int8 codes [out, in], one fp32 scale per
+    block of GGUF_BLOCK inputs [out, in / GGUF_BLOCK]) or "q4_1" (4-bit codes [out, in / GGUF_BLOCK, 16] in GGUF's
+    nibble order, (scale, min) pairs [out, in / GGUF_BLOCK, 2]). The embedded model in fp32 is such weights: its
+    Q4_1 layers and Q8_0 output layer take 92 MB so, 457 MB as fp32. Products in fp32 on glm_core.native's kernel up to
+    native.GGUF_MAX_ROWS rows (one row against the 49152 x 576 Q8_0 output layer, streamed from memory, on a 2-core AMX
+    Xeon: 1.8 ms against 4.3 for its fp32 weights); more rows (prompts) dequantize a chunk at a time for an fp32 GEMM."""
 
-    def __init__(self, qweight: Tensor, scales: Tensor):
+    def __init__(self, kind: str, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
         super().__init__()
-        self.out_features, self.in_features = qweight.shape
+        self.kind = kind
+        self.out_features, self.in_features = scales.shape[0], scales.shape[1] * GGUF_BLOCK
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        self.bias = _as_bias(bias)
 
-    def dequantize(self) -> Tensor:
-        """W in fp32, exactly the weights the codes came from."""
-        return (self.qweight.unflatten(-1, (-1, Q8_0_BLOCK)).float() * self.scales[..., None]).flatten(-2)
+    def dequantize(self, start: int = 0, stop: int | None = None, scratch: Tensor | None = None) -> Tensor:
+        """W[start:stop] in fp32 (in scratch's memory when given), exactly the weights the codes came from."""
+        stop = self.out_features if stop is None else stop
+        if native.dequantizes_gguf(self):
+            return native.gguf_dequantize(self, start, stop, scratch)
+        scales = self.scales[start:stop]
+        if self.kind == "q8_0":
+            return (self.qweight[start:stop].unflatten(-1, (-1, GGUF_BLOCK)).float() * scales[..., None]).flatten(-2)
+        packed = self.qweight[start:stop]
+        codes = torch.cat([packed & 15, packed >> 4], dim=-1).float()   # low nibbles: columns 0-15 of the block
+        return (codes * scales[..., :1] + scales[..., 1:]).flatten(-2)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if native.takes_q8_0(x2, self):
-            y = native.q8_0_matmul(x2, self)
+        if native.takes_gguf(x2, self):
+            y = native.gguf_matmul(x2, self)
         else:
-            y = matmul_fp32(x2, self.dequantize())
+            y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+            step = max(1, DENSE_CHUNK_ELEMENTS // self.in_features)
+            scratch = torch.empty(min(step, self.out_features) * self.in_features, dtype=torch.float32)
+            for start in range(0, self.out_features, step):
+                stop = min(start + step, self.out_features)
+                y[:, start:stop] = matmul_fp32(x2, self.dequantize(start, stop, scratch))
+        if self.bias is not None:
+            y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def q8_0_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(int8 codes, fp32 scales [rows, columns / Q8_0_BLOCK]) that give this fp32 weight back exactly, as a GGUF Q8_0
+    """(int8 codes, fp32 scales [rows, columns / GGUF_BLOCK]) that give this fp32 weight back exactly, as a GGUF Q8_0
     tensor dequantized does (llama.cpp's quantizer makes each block's largest code +-127, so scale = largest |w| / 127,
     and code x scale is exact in fp32); None when the weight is not such a tensor."""
-    if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % Q8_0_BLOCK:
+    if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % GGUF_BLOCK:
         return None
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], weight.shape[1] // Q8_0_BLOCK, dtype=torch.float32, device=weight.device)
+    scales = torch.empty(weight.shape[0], weight.shape[1] // GGUF_BLOCK, dtype=torch.float32, device=weight.device)
     for start, rows in _row_chunks(weight):
-        blocks = rows.detach().unflatten(-1, (-1, Q8_0_BLOCK))
+        blocks = rows.unflatten(-1, (-1, GGUF_BLOCK))
         scale = blocks.abs().amax(-1, keepdim=True) / 127
         q = (blocks / scale.masked_fill(scale == 0, 1)).round()
         if not torch.equal(q * scale, blocks):
@@ -385,28 +404,65 @@ def q8_0_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
     return codes, scales
 
 
-def keep_q8_0_tables(model: nn.Module) -> int:
-    """Replace each fp32 CPU embedding table that is exactly a GGUF Q8_0 tensor (q8_0_tables), and the output layer
-    tied to it, by its int8 codes and block scales: the same weights in a quarter of the memory, the output layer's
-    product 2.4x faster on its own (Q8_0Linear). Only where glm_core.native's kernel runs that product: without it
-    the fp32 weight is faster. Returns how many tables."""
+def q4_1_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(4-bit codes [rows, columns / GGUF_BLOCK, 16] in GGUF's nibble order, fp32 (scale, min) pairs [rows, columns /
+    GGUF_BLOCK, 2]) that give this fp32 weight back exactly, as a GGUF Q4_1 tensor dequantized does: llama.cpp's
+    quantizer gives each block's smallest weight code 0 and its largest 15, its fp16 min is the smallest weight and
+    its fp16 scale the nearest to (largest - smallest) / 15; code x scale is exact in fp32 and the min's add rounds
+    once. None when the weight is not such a tensor."""
+    if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % GGUF_BLOCK:
+        return None
+    blocks_per_row = weight.shape[1] // GGUF_BLOCK
+    codes = torch.empty(weight.shape[0], blocks_per_row, GGUF_BLOCK // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(weight.shape[0], blocks_per_row, 2, dtype=torch.float32, device=weight.device)
+    for start, rows in _row_chunks(weight):
+        blocks = rows.unflatten(-1, (-1, GGUF_BLOCK))
+        low = blocks.amin(-1, keepdim=True)
+        scale = ((blocks.amax(-1, keepdim=True) - low) / 15).half().float()
+        q = ((blocks - low) / scale.masked_fill(scale == 0, 1)).round().clamp_(0, 15)
+        if not torch.equal(q * scale + low, blocks):
+            return None
+        q = q.to(torch.uint8)
+        codes[start:start + len(rows)] = q[..., :16] | q[..., 16:] << 4
+        scales[start:start + len(rows)] = torch.cat([scale, low], dim=-1)
+    return codes, scales
+
+
+def keep_gguf_tables(model: nn.Module) -> int:
+    """Replace each fp32 CPU weight that is exactly a GGUF block tensor by its codes and scales: an embedding table
+    (Q8_0: an Int8Embedding, and the output layer tied to it a GGUFLinear) and every other linear (Q8_0 or Q4_1: a
+    GGUFLinear). The same weights in a quarter (Q8_0) or a seventh (Q4_1) of the memory, products 2.4x faster (the
+    embedded model's output layer). Only where glm_core.native's kernels run: without them the fp32 weights are faster.
+    Returns how many weights."""
     if native.library() is None:
         return 0
     kept = 0
+    tables = {}   # id(weight) -> Int8Embedding, for the linears tied to it
     for parent in list(model.modules()):
         for name, table in list(parent._modules.items()):
-            if not (isinstance(table, nn.Embedding) and table.weight.device.type == "cpu"):
+            if isinstance(table, nn.Embedding) and table.weight.device.type == "cpu":
+                found = q8_0_tables(table.weight)
+                if found is not None:
+                    tables[id(table.weight)] = Int8Embedding(*found)
+                    setattr(parent, name, tables[id(table.weight)])
+                    kept += 1
+    done: dict[int, nn.Module | None] = {}
+    for parent in list(model.modules()):
+        for name, linear in list(parent._modules.items()):
+            if type(linear) is not nn.Linear or linear.weight.device.type != "cpu":
                 continue
-            found = q8_0_tables(table.weight)
-            if found is None:
-                continue
-            compact = Int8Embedding(*found)
-            for owner in list(model.modules()):
-                for linear_name, linear in list(owner._modules.items()):
-                    if isinstance(linear, nn.Linear) and linear.weight is table.weight:
-                        setattr(owner, linear_name, compact.as_linear(None))
-            setattr(parent, name, compact)
-            kept += 1
+            if id(linear) not in done:
+                if id(linear.weight) in tables:
+                    done[id(linear)] = tables[id(linear.weight)].as_linear(None)
+                else:
+                    found = q8_0_tables(linear.weight)
+                    kind = "q8_0"
+                    if found is None:
+                        found, kind = q4_1_tables(linear.weight), "q4_1"
+                    done[id(linear)] = None if found is None else GGUFLinear(kind, *found, linear.bias)
+                    kept += found is not None
+            if done[id(linear)] is not None:
+                setattr(parent, name, done[id(linear)])
     return kept
 
 

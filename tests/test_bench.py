@@ -204,3 +204,16 @@ def test_cancel_kills_the_running_child():
     children = psutil.Process().children(recursive=True)
     alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not any("--child" in " ".join(p.cmdline()) for p in alive)
+
+
+def test_prefill_flops_count_every_block_product_however_it_is_stored(embedded_engine):
+    """The embedded model's fp32 layers are GGUF codes (quant.GGUFLinear), its int4 ones QuantizedLinears: the same
+    products, the same count (the output layer runs on the last id only)."""
+    from glm_core.engines import load_transformers
+    model, n = embedded_engine.model, 100
+    c = model.config
+    weights = c.num_layers * c.hidden_size * ((c.num_heads + 2 * c.kv_groups) * c.head_dim + c.num_heads * c.head_dim
+                                              + 3 * c.ffn_hidden_size)
+    expected = 2.0 * weights * n + 2.0 * c.num_layers * n * n * c.num_heads * c.head_dim
+    assert bench.prefill_flops(model, n) == expected
+    assert bench.prefill_flops(load_transformers(glm_core.EMBEDDED, "int4").model, n) == expected

@@ -166,26 +166,33 @@ def test_decode_steps_write_the_cache_in_place_with_the_same_logits(padded_engin
 
 
 @pytest.mark.skipif(not native.wanted() or not native.compiler_path(),
-                    reason="the Q8_0 table is kept where glm_core.native's product runs (AVX2, built by a C compiler)")
-def test_the_embedded_models_q8_0_table_is_kept_as_stored_exactly(embedded_engine):
-    """The GGUF stores the tied embedding / output table as Q8_0; transformers dequantizes it to 113 MB of fp32. The
-    engine keeps its codes and block scales instead: the same weights, a quarter of the bytes, the output layer's
-    product the exact one summed in fp32."""
+                    reason="GGUF weights are kept where glm_core.native's products run (AVX2, built by a C compiler)")
+def test_the_embedded_models_gguf_weights_are_kept_as_stored_exactly(embedded_engine):
+    """The GGUF stores the layers as Q4_1 and the tied embedding / output table as Q8_0; transformers dequantizes them
+    to 457 MB of fp32. The fp32 engine keeps their codes and scales instead: the same weights in a quarter of the
+    bytes, products the exact ones summed in fp32."""
     from safetensors import safe_open
     from glm_core.engines import gguf_cache_dir
     from glm_core.registry import embedded_gguf
     with safe_open(gguf_cache_dir(embedded_gguf()) / "model.safetensors", "pt") as f:
-        table = f.get_tensor("lm_head.weight")
+        weights = {name: f.get_tensor(name) for name in f.keys()}
     model = embedded_engine.model
     head, embedding = model.transformer.output_layer, model.transformer.embedding.word_embeddings
-    assert isinstance(head, quant.Q8_0Linear) and isinstance(embedding, quant.Int8Embedding)
+    assert isinstance(head, quant.GGUFLinear) and head.kind == "q8_0" and isinstance(embedding, quant.Int8Embedding)
     assert head.qweight is embedding.qweight and head.scales is embedding.scales
+    table = weights["lm_head.weight"]
     assert torch.equal(head.dequantize(), table)
-    assert head.qweight.nbytes + head.scales.nbytes < 0.3 * table.nbytes
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, quant.GGUFLinear))]
+    assert len(linears) == 4 * len(model.transformer.encoder.layers) + 1
+    assert all(isinstance(m, quant.GGUFLinear) and m.kind == "q4_1" for m in linears if m is not head)
+    block, prefix = model.transformer.encoder.layers[3], "model.layers.3."
+    assert torch.equal(block.self_attention.query_key_value.dequantize(),
+                       torch.cat([weights[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"]))
+    assert torch.equal(block.mlp.dense_4h_to_h.dequantize(), weights[f"{prefix}mlp.down_proj.weight"])
+    assert embedded_engine.weights_bytes < 0.3 * sum(w.nbytes for w in weights.values())
     ids = embedded_engine.prompt_ids(QUESTION)
     with torch.inference_mode():
-        cache = model.new_cache()
-        hidden = model.hidden([(cache, ids)]).double()
+        hidden = model.hidden([(model.new_cache(), ids)]).double()
         assert torch.equal(embedding(torch.tensor(ids)), table[ids])
     logits = embedded_engine.logits(ids).double()
     assert ((logits - hidden @ table.double().t()).abs() <= error_bound(hidden, table.double(), torch.float32)).all()

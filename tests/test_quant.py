@@ -711,74 +711,98 @@ def test_quantize_model_replaces_in_place(precision, tolerance):
     assert ((after - before).norm() / before.norm()) < tolerance
 
 
-def gguf_q8_0(rows: int, columns: int, seed: int) -> torch.Tensor:
-    """A float weight as a GGUF Q8_0 tensor holds it: quantized by gguf-py (llama.cpp's quantizer), dequantized as
-    transformers does on load."""
+def gguf_weight(kind: str, rows: int, columns: int, seed: int) -> torch.Tensor:
+    """A float weight as a GGUF Q8_0 or Q4_1 tensor holds it: quantized by gguf-py (llama.cpp's quantizers),
+    dequantized as transformers does on load."""
     from gguf import GGMLQuantizationType, quants
     w = torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).numpy()
     w[1, :32] = 0   # a block of zeros: scale 0
-    stored = quants.quantize(w, GGMLQuantizationType.Q8_0)
-    return torch.from_numpy(quants.dequantize(stored, GGMLQuantizationType.Q8_0).copy())
+    w[-1, 32:64] = 0.5   # a block of one value: Q4_1's scale 0, its min that value
+    kind = GGMLQuantizationType.Q8_0 if kind == "q8_0" else GGMLQuantizationType.Q4_1
+    return torch.from_numpy(quants.dequantize(quants.quantize(w, kind), kind).copy())
 
 
-def test_q8_0_tables_give_a_gguf_q8_0_tensor_back_exactly_and_nothing_else():
-    w = gguf_q8_0(40, 96, seed=1)
-    codes, scales = quant.q8_0_tables(w)
-    assert codes.dtype == torch.int8 and scales.shape == (40, 3) and codes.abs().max() == 127
-    assert torch.equal(quant.Q8_0Linear(codes, scales).dequantize(), w)
-    ids = torch.tensor([[3, 1], [39, 0]])
-    assert torch.equal(quant.Int8Embedding(codes, scales)(ids), w[ids])
+TABLES = {"q8_0": quant.q8_0_tables, "q4_1": quant.q4_1_tables}
+
+
+@pytest.mark.parametrize("kind", TABLES)
+def test_gguf_tables_give_a_gguf_tensor_back_exactly_and_nothing_else(kind, monkeypatch):
+    w = gguf_weight(kind, 40, 96, seed=1)
+    codes, scales = TABLES[kind](w)
+    module = quant.GGUFLinear(kind, codes, scales)
+    assert (module.out_features, module.in_features) == (40, 96)
+    assert torch.equal(module.dequantize(), w)
+    monkeypatch.setattr(native, "dequantizes_gguf", lambda module: False)   # torch's reading of the codes
+    assert torch.equal(module.dequantize(), w)
+    if kind == "q8_0":
+        assert codes.dtype == torch.int8 and scales.shape == (40, 3) and codes.abs().max() == 127
+        ids = torch.tensor([[3, 1], [39, 0]])
+        assert torch.equal(quant.Int8Embedding(codes, scales)(ids), w[ids])
+    else:
+        assert codes.shape == (40, 3, 16) and scales.shape == (40, 3, 2)
+    other = TABLES["q4_1" if kind == "q8_0" else "q8_0"]
+    assert other(w) is None                                       # the other kind's grid
     nudged = w.clone()
     nudged[7, 50] = torch.nextafter(nudged[7, 50], torch.tensor(1e9))   # one weight off the block's grid
-    assert quant.q8_0_tables(nudged) is None
-    assert quant.q8_0_tables(torch.randn(40, 96)) is None          # plain floats
-    assert quant.q8_0_tables(w[:, :80]) is None                   # not whole blocks
-    assert quant.q8_0_tables(w.bfloat16()) is None                # not the fp32 weights
-    assert quant.q8_0_tables(w / 3) is None                       # off the grid: 127 * scale is not the block's largest
+    assert TABLES[kind](nudged) is None
+    assert TABLES[kind](torch.randn(40, 96)) is None              # plain floats
+    assert TABLES[kind](w[:, :80]) is None                        # not whole blocks
+    assert TABLES[kind](w.bfloat16()) is None                     # not the fp32 weights
+    assert TABLES[kind](w / 3) is None                            # off the grid
 
 
 needs_native_library = pytest.mark.skipif(
     not native.wanted() or not native.compiler_path(),
-    reason="the Q8_0 product is glm_core.native's (AVX2, built by a C compiler)")
+    reason="the GGUF products are glm_core.native's (AVX2, built by a C compiler)")
 
 
 @needs_native_library
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 40])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, native.GGUF_MAX_ROWS, native.GGUF_MAX_ROWS + 1, 40])
 @pytest.mark.parametrize("out_features, in_features", [(2, 32), (38, 96), (300, 576)])
-def test_q8_0_product_is_the_exact_weights_summed_in_fp32(out_features, in_features, rows):
-    """Rows in whole and partial passes of the kernel (4 at a time), for every row count: one (decode) to many."""
-    w = gguf_q8_0(out_features, in_features, seed=out_features + rows)
-    module = quant.Q8_0Linear(*quant.q8_0_tables(w))
+@pytest.mark.parametrize("kind", TABLES)
+def test_gguf_product_is_the_exact_weights_summed_in_fp32(kind, out_features, in_features, rows):
+    """Rows in whole and partial passes of the kernel (4 at a time) up to GGUF_MAX_ROWS, then the dequantized GEMM."""
+    w = gguf_weight(kind, out_features, in_features, seed=out_features + rows)
+    module = quant.GGUFLinear(kind, *TABLES[kind](w))
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
-    assert native.takes_q8_0(x, module)
+    assert native.takes_gguf(x, module) == (rows <= native.GGUF_MAX_ROWS)
     y = module(x).double()
     ref = x.double() @ w.double().t()
-    assert ((y - ref).abs() <= error_bound(x.double(), w.double(), torch.float32)).all()
-    assert torch.equal(module(x[-1:]), module(x)[-1:])   # a row's product is the same alone or in a batch
+    bound = error_bound(x.double(), w.double(), torch.float32)
+    if kind == "q4_1":   # w = scale x code + min: the codes' products are up to |w| + |min|, min x sum(x) summed apart
+        mins = module.scales[..., 1:].expand(-1, -1, 32).flatten(1).double().abs()
+        bound += (in_features + 2) * 2.0 ** -24 * (x.double().abs() @ mins.t())
+    assert ((y - ref).abs() <= bound).all()
+    assert torch.equal(module(x[-1:]), module(x[-1:].repeat(2, 1))[:1])   # a row's product alone or with another
     assert module(x.bfloat16()).dtype == torch.bfloat16
 
 
 @needs_native_library
-def test_keep_q8_0_tables_shrinks_a_tied_q8_0_table_and_keeps_the_logits(monkeypatch):
+def test_keep_gguf_tables_shrinks_gguf_weights_and_keeps_the_logits(monkeypatch):
+    """A tied Q8_0 table (embedding and output layer), a Q4_1 layer with a bias (used twice), and plain fp32 layers
+    that stay as they are."""
     torch.manual_seed(5)
     model = TinyLM().eval()
     with torch.no_grad():
-        model.embed.weight.copy_(gguf_q8_0(50, 64, seed=2))
-    plain = TinyLM().eval()   # a table that is not Q8_0 stays as it is
+        model.embed.weight.copy_(gguf_weight("q8_0", 50, 64, seed=2))
+        model.shared.weight.copy_(gguf_weight("q4_1", 64, 64, seed=3))
+    plain = TinyLM().eval()
     ids = torch.arange(50)
+    plain_bias = model.shared.bias.detach().clone()
     with torch.no_grad():
         before = model(ids)
-        assert quant.keep_q8_0_tables(model) == 1 and quant.keep_q8_0_tables(plain) == 0
+        assert quant.keep_gguf_tables(model) == 2 and quant.keep_gguf_tables(plain) == 0
         after = model(ids)
-        monkeypatch.setattr(native, "takes_q8_0", lambda x, module: False)
+        monkeypatch.setattr(native, "takes_gguf", lambda x, module: False)
         without_kernel = model(ids)
-    assert isinstance(model.embed, quant.Int8Embedding) and isinstance(model.lm_head, quant.Q8_0Linear)
+    assert isinstance(model.embed, quant.Int8Embedding) and isinstance(model.lm_head, quant.GGUFLinear)
     assert model.lm_head.qweight is model.embed.qweight and model.lm_head.scales is model.embed.scales
-    assert type(plain.embed) is nn.Embedding and type(plain.lm_head) is nn.Linear
-    hidden = model.proj_out(model.shared(model.shared(model.embed(ids) + model.blocks(model.embed(ids)))))
-    bound = error_bound(hidden.double(), model.lm_head.dequantize().double(), torch.float32)
-    assert ((after.double() - before.double()).abs() <= 2 * bound).all()   # two fp32 summation orders of one sum
-    torch.testing.assert_close(without_kernel, after)
+    assert isinstance(model.shared, quant.GGUFLinear) and model.shared.kind == "q4_1" and model.again is model.shared
+    assert torch.equal(model.shared.bias, plain_bias)
+    assert type(model.proj_out) is nn.Linear   # not a GGUF tensor: stays
+    assert type(plain.embed) is nn.Embedding and type(plain.lm_head) is nn.Linear and type(plain.shared) is nn.Linear
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * before.abs().max().item())   # fp32 sums reordered
+    torch.testing.assert_close(without_kernel, after, rtol=0, atol=1e-5 * before.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it on a lent GPU machine)")

@@ -197,47 +197,109 @@ int int8_matmul(const uint16_t *x, const int8_t *w, const uint16_t *scales, floa
     return 0;
 }
 
-/* A GGUF Q8_0 tensor: int8 codes [n][k] with one fp32 scale per block of 32 columns [n][k / 32]. Q8_0_W weight rows
- * against up to Q8_0_X activation rows (fp32, row stride k): each block's codes widened to fp32 once per pass, their
- * sum of products with each row in fp32, times the block's scale into that row's total. Independent totals keep
- * the FMA units busy with a single activation row (decode). */
-#define Q8_0_W 2
-#define Q8_0_X 4
-#define Q8_0_PREFETCH 4096   /* bytes of codes ahead, into L2: the codes stream from memory */
-static void q8_0_rows(const int8_t *w, const float *scales, const float *x, float *y, int rows, int ldy, int k) {
-    __m256 acc[Q8_0_W][Q8_0_X];
-    for (int r = 0; r < Q8_0_W; r++)
+/* GGUF block tensors, kept as stored (quant.GGUFLinear), against fp32 activations. Q8_0: int8 codes [n][k], one fp32
+ * scale per block of 32 columns [n][k / 32]; w = scale x code. Q4_1: 4-bit codes [n][k / 32][16] in GGUF's order (byte
+ * j of a block: column j in its low nibble, column j + 16 in its high one), fp32 (scale, min) pairs [n][k / 32][2];
+ * w = scale x code + min. GGUF_W weight rows against up to GGUF_X activation rows (row stride k) a pass: each block's
+ * codes widened to fp32 once, their sum of products with each row in fp32, times the block's scale into the row's
+ * total (Q4_1: plus min x the block's sum of activations, summed apart). Independent totals keep the FMA units busy
+ * with a single activation row (decode). */
+#define GGUF_W 2
+#define GGUF_X 4
+#define GGUF_PREFETCH 4096   /* bytes of codes ahead, into L2: the codes stream from memory */
+enum { GGUF_Q8_0 = 0, GGUF_Q4_1 = 1 };
+
+/* the 32 codes of a block as 4 x 8 fp32 */
+static inline void gguf_widen(int kind, const uint8_t *codes, __m256 v[4]) {
+    __m128i a, b;
+    if (kind == GGUF_Q8_0) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)codes);
+        __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+        v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+        v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+        v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+        return;
+    }
+    __m128i q = _mm_loadu_si128((const __m128i *)codes), nibble = _mm_set1_epi8(0x0f);
+    a = _mm_and_si128(q, nibble);                       /* columns 0..15 */
+    b = _mm_and_si128(_mm_srli_epi16(q, 4), nibble);    /* columns 16..31 */
+    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
+    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
+    v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+}
+
+static inline int gguf_block_bytes(int kind) { return kind == GGUF_Q8_0 ? 32 : 16; }
+static inline int gguf_block_scales(int kind) { return kind == GGUF_Q8_0 ? 1 : 2; }
+
+/* x_sums [rows][k / 32]: each block's sum of activations (Q4_1's min term) */
+static void gguf_rows(int kind, const uint8_t *w, const float *scales, const float *x, const float *x_sums, float *y,
+                      int rows, int ldy, int k) {
+    int blocks = k / 32, bytes = gguf_block_bytes(kind), per = gguf_block_scales(kind);
+    __m256 acc[GGUF_W][GGUF_X];
+    float mins[GGUF_W][GGUF_X] = {{0}};
+    for (int r = 0; r < GGUF_W; r++)
         for (int m = 0; m < rows; m++) acc[r][m] = _mm256_setzero_ps();
-    for (int b = 0; b < k / 32; b++) {
-        for (int r = 0; r < Q8_0_W; r++) {
-            const int8_t *at = w + (size_t)r * k + 32 * b;
-            _mm_prefetch((const char *)at + Q8_0_PREFETCH, _MM_HINT_T1);
-            __m256i q = _mm256_loadu_si256((const __m256i *)at);
-            __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-            __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-            __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-            __m256 scale = _mm256_set1_ps(scales[(size_t)r * (k / 32) + b]);
+    for (int b = 0; b < blocks; b++) {
+        for (int r = 0; r < GGUF_W; r++) {
+            const uint8_t *at = w + ((size_t)r * blocks + b) * bytes;
+            const float *s = scales + ((size_t)r * blocks + b) * per;
+            _mm_prefetch((const char *)at + GGUF_PREFETCH, _MM_HINT_T1);
+            __m256 v[4];
+            gguf_widen(kind, at, v);
+            __m256 scale = _mm256_set1_ps(s[0]);
             for (int m = 0; m < rows; m++) {
                 const float *xb = x + (size_t)m * k + 32 * b;
-                __m256 s01 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(xb)));
-                __m256 s23 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), _mm256_mul_ps(w2, _mm256_loadu_ps(xb + 16)));
+                __m256 s01 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(xb)));
+                __m256 s23 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xb + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(xb + 16)));
                 acc[r][m] = _mm256_fmadd_ps(scale, _mm256_add_ps(s01, s23), acc[r][m]);
+                if (per == 2) mins[r][m] += s[1] * x_sums[(size_t)m * blocks + b];
             }
         }
     }
-    for (int r = 0; r < Q8_0_W; r++)
-        for (int m = 0; m < rows; m++) y[(size_t)m * ldy + r] = hsum(acc[r][m]);
+    for (int r = 0; r < GGUF_W; r++)
+        for (int m = 0; m < rows; m++) y[(size_t)m * ldy + r] = hsum(acc[r][m]) + mins[r][m];
 }
 
-/* y [rows, n] fp32 = x [rows, k] fp32 @ W.T for a Q8_0 tensor W [n, k] (above); n a multiple of Q8_0_W, k of 32. */
-void q8_0_matmul(const float *x, const int8_t *w, const float *scales, float *y, int rows, int n, int k) {
+/* y [rows, n] fp32 = x [rows, k] fp32 @ W.T for a GGUF block tensor W [n, k] (above); n a multiple of GGUF_W, k of
+ * 32. 0, or -1 when out of memory. */
+int gguf_matmul(int kind, const float *x, const uint8_t *w, const float *scales, float *y, int rows, int n, int k) {
+    int blocks = k / 32;
+    float *x_sums = malloc(sizeof(float) * ((size_t)rows * blocks + 1));
+    if (!x_sums) return -1;
+    for (int m = 0; m < rows; m++)
+        for (int b = 0; b < blocks; b++) {
+            float sum = 0.f;
+            for (int i = 0; i < 32; i++) sum += x[(size_t)m * k + 32 * b + i];
+            x_sums[(size_t)m * blocks + b] = sum;
+        }
+    size_t row_bytes = (size_t)blocks * gguf_block_bytes(kind), row_scales = (size_t)blocks * gguf_block_scales(kind);
 #pragma omp parallel for schedule(static)
-    for (int j = 0; j < n; j += Q8_0_W)
-        for (int m = 0; m < rows; m += Q8_0_X)
-            q8_0_rows(w + (size_t)j * k, scales + (size_t)j * (k / 32), x + (size_t)m * k, y + (size_t)m * n + j,
-                      rows - m < Q8_0_X ? rows - m : Q8_0_X, n, k);
+    for (int j = 0; j < n; j += GGUF_W)
+        for (int m = 0; m < rows; m += GGUF_X)
+            gguf_rows(kind, w + (size_t)j * row_bytes, scales + (size_t)j * row_scales, x + (size_t)m * k,
+                      x_sums + (size_t)m * blocks, y + (size_t)m * n + j, rows - m < GGUF_X ? rows - m : GGUF_X, n, k);
+    free(x_sums);
+    return 0;
+}
+
+/* Rows start..stop-1 of a GGUF block tensor as fp32 [stop - start][k]: exactly the weights (scale x code [+ min],
+ * one rounding, as GGUF's own dequantization). */
+void gguf_dequantize(int kind, const uint8_t *w, const float *scales, float *out, int start, int stop, int k) {
+    int blocks = k / 32, bytes = gguf_block_bytes(kind), per = gguf_block_scales(kind);
+#pragma omp parallel for schedule(static)
+    for (int j = start; j < stop; j++)
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *at = w + ((size_t)j * blocks + b) * bytes;
+            const float *s = scales + ((size_t)j * blocks + b) * per;
+            __m256 v[4];
+            gguf_widen(kind, at, v);
+            __m256 scale = _mm256_set1_ps(s[0]), low = _mm256_set1_ps(per == 2 ? s[1] : 0.f);
+            float *o = out + (size_t)(j - start) * k + 32 * b;
+            for (int i = 0; i < 4; i++)   /* mul then add (no FMA): scale x code is exact, the add rounds once */
+                _mm256_storeu_ps(o + 8 * i, _mm256_add_ps(_mm256_mul_ps(scale, v[i]), low));
+        }
 }
 
 /* Several activation rows: each block of 32 output columns is decoded a tile of k at a time into fp32 [tile_k][32]
