@@ -47,7 +47,8 @@ class KnownModel:
 
 def default_precision(path_or_name: str) -> str:
     """What a model loads at unless asked otherwise: a pre-quantized checkpoint as stored, the small embedded
-    model in fp32 (its fastest on CPU), anything else in bf16 (half the memory of fp32)."""
+    model in fp32 (the GGUF's own weights exactly, kept as its Q4_1 / Q8_0 codes: quant.keep_gguf_tables), anything
+    else in bf16 (half the memory of fp32)."""
     if path_or_name == EMBEDDED:
         return "fp32"
     known = describe(path_or_name)
