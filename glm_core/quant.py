@@ -345,7 +345,7 @@ class GGUFLinear(nn.Module):
     the fp32 weights transformers dequantizes a GGUF into: `kind` "q8_0" (int8 codes [out, in], one fp32 scale per
     block of GGUF_BLOCK inputs [out, in / GGUF_BLOCK]) or "q4_1" (4-bit codes [out, in / GGUF_BLOCK, 16] in GGUF's
     nibble order, (scale, min) pairs [out, in / GGUF_BLOCK, 2]). The embedded model in fp32 is such weights: its
-    Q4_1 layers and Q8_0 output layer take 92 MB so, 457 MB as fp32. Products in fp32 on glm_core.native's kernel up to
+    Q4_1 layers and Q8_0 output layer take 112 MB so, 538 MB as fp32. Products in fp32 on glm_core.native's kernel up to
     native.GGUF_MAX_ROWS rows (one row against the 49152 x 576 Q8_0 output layer, streamed from memory, on a 2-core AMX
     Xeon: 1.8 ms against 4.3 for its fp32 weights); more rows (prompts) dequantize a chunk at a time for an fp32 GEMM."""
 
@@ -437,23 +437,24 @@ def keep_gguf_tables(model: nn.Module) -> int:
     if native.library() is None:
         return 0
     kept = 0
-    tables = {}   # id(weight) -> Int8Embedding, for the linears tied to it
+    tables: list[tuple[Tensor, Int8Embedding]] = []   # (fp32 weight, its codes), for the linears tied to it
     for parent in list(model.modules()):
         for name, table in list(parent._modules.items()):
             if isinstance(table, nn.Embedding) and table.weight.device.type == "cpu":
                 found = q8_0_tables(table.weight)
                 if found is not None:
-                    tables[id(table.weight)] = Int8Embedding(*found)
-                    setattr(parent, name, tables[id(table.weight)])
+                    tables.append((table.weight, Int8Embedding(*found)))
+                    setattr(parent, name, tables[-1][1])
                     kept += 1
-    done: dict[int, nn.Module | None] = {}
+    done: dict[int, nn.Module | None] = {}   # a linear used in two places becomes one module
     for parent in list(model.modules()):
         for name, linear in list(parent._modules.items()):
             if type(linear) is not nn.Linear or linear.weight.device.type != "cpu":
                 continue
             if id(linear) not in done:
-                if id(linear.weight) in tables:
-                    done[id(linear)] = tables[id(linear.weight)].as_linear(None)
+                tied = [compact for weight, compact in tables if linear.weight is weight]
+                if tied:
+                    done[id(linear)] = tied[0].as_linear(None)
                 else:
                     found = q8_0_tables(linear.weight)
                     kind = "q8_0"
