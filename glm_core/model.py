@@ -149,14 +149,16 @@ def attention_kernels(dtype: torch.dtype, backends: list[SDPBackend] | None = No
 
 def attend_segments(layer: int, spans: list[tuple[KVCache, int, int]], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Each segment's rows against its own cache: spans (cache, start, length) in row order, a segment's rows at
-    positions start.. after the start positions its cache holds."""
+    positions start.. after the start positions its cache holds. The one-row segments (decode steps) attend together
+    through native.decode_attention where it takes them (fp32 on CPU), else one by one."""
     H, _, D = q.shape
-    out, row = [], 0
+    out, row, decoding = [], 0, []   # decoding: (index in out, row, keys, values) of the one-row segments
     for cache, start, T in spans:
         keys, values = cache.store(layer, start, k[:, row:row + T], v[:, row:row + T])
         qs = q[None, :, row:row + T]   # [1, heads, T, D]: SDPA takes its fused CPU kernel only for 4-D inputs
         if T == 1:
-            out.append(attend_one(qs[0], keys, values))
+            decoding.append((len(out), row, keys, values))
+            out.append(None)
         else:
             if start == 0:
                 o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
@@ -165,6 +167,16 @@ def attend_segments(layer: int, spans: list[tuple[KVCache, int, int]], q: Tensor
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
             out.append(o[0].transpose(0, 1).reshape(T, H * D))
         row += T
+    if decoding:
+        rows = [r for _, r, _, _ in decoding]
+        queries = q[:, rows].transpose(0, 1)   # [rows, heads, D]
+        if native.takes_decode_attention(queries, decoding[0][2]):
+            together = native.decode_attention(queries, [d[2] for d in decoding], [d[3] for d in decoding])
+            for i, (index, _, _, _) in enumerate(decoding):
+                out[index] = together[i:i + 1]
+        else:
+            for index, r, keys, values in decoding:
+                out[index] = attend_one(q[:, r:r + 1], keys, values)
     return out[0] if len(out) == 1 else torch.cat(out)
 
 

@@ -777,6 +777,37 @@ def test_gguf_product_is_the_exact_weights_summed_in_fp32(kind, out_features, in
     assert module(x.bfloat16()).dtype == torch.bfloat16
 
 
+ATTN_CHUNK = 256   # positions a work item of native's decode_attention takes (kernels/matmul_avx2.c)
+
+
+@needs_native_library
+@pytest.mark.parametrize("heads, groups, d, lengths", [(9, 3, 64, [1, 5, 256, 257, 2000]), (32, 2, 128, [17, 700]),
+                                                       (4, 4, 8, [3])])
+def test_decode_attention_is_attention_in_fp32_for_every_sequence_at_once(heads, groups, d, lengths):
+    """One new row per sequence against caches of other lengths (chunk edges included), laid out as KVCache holds them
+    (room past the written positions), against float64 attention. The bound follows the arithmetic: each score a dot
+    product of d fp32 terms (then scaled), exp within 2 ulp, a chunk's exponentials and weighted values summed in fp32
+    over at most ATTN_CHUNK positions, chunks combined."""
+    g = torch.Generator().manual_seed(heads + d)
+    caches = [torch.randn(2, groups, -(-n // 256) * 256, d, generator=g) for n in lengths]
+    keys = [c[0][None, :, :n] for c, n in zip(caches, lengths)]
+    values = [c[1][None, :, :n] for c, n in zip(caches, lengths)]
+    q = torch.randn(len(lengths), heads, d, generator=g) * 2
+    assert native.takes_decode_attention(q, keys[0])
+    got = native.decode_attention(q, keys, values).double()
+    u, scale = 2.0 ** -24, d ** -0.5
+    for i, (k, v) in enumerate(zip(keys, values)):
+        qi = q[i].double().view(groups, heads // groups, d)
+        ref = torch.softmax(qi @ k[0].double().transpose(1, 2) * scale, -1) @ v[0].double()   # [groups, per, d]
+        chunks = -(-lengths[i] // ATTN_CHUNK)
+        score_error = 1.01 * (d + 2) * u * scale * (qi.abs() @ k[0].double().abs().transpose(1, 2)).amax()
+        relative = 2 * score_error + (min(lengths[i], ATTN_CHUNK) + chunks + 8) * u
+        bound = v.abs().max().item() * (relative + (min(lengths[i], ATTN_CHUNK) + chunks + 2) * u) * 1.01
+        assert (got[i] - ref.reshape(-1)).abs().max() <= bound, i
+        alone = native.decode_attention(q[i:i + 1], [k], [v])
+        assert torch.equal(alone[0], got[i].float())   # the same alone or beside other sequences
+
+
 @needs_native_library
 def test_keep_gguf_tables_shrinks_gguf_weights_and_keeps_the_logits(monkeypatch):
     """A tied Q8_0 table (embedding and output layer), a Q4_1 layer with a bias (used twice), and plain fp32 layers
