@@ -1,19 +1,31 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
+
+def throwaway_dir(prefix: str) -> str:
+    """A temporary directory for this run, removed when the run ends (a run's cache holds the dequantized embedded
+    model, half a GB: left behind, runs filled the disk)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The app under test keeps its history in a throwaway file, never in the user's real database.
-os.environ["GLM_STUDIO_DB"] = str(Path(tempfile.mkdtemp(prefix="glm-studio-test-")) / "history.db")
+os.environ["GLM_STUDIO_DB"] = str(Path(throwaway_dir("glm-studio-test-")) / "history.db")
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("GLM_STUDIO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 # The fixture checkpoints are the models the operator may load from a path (GLM_STUDIO_MODELS_DIR).
 os.environ["GLM_STUDIO_MODELS_DIR"] = str(FIXTURES)
 # One cache for the run and the servers it starts (the embedded model is dequantized once), not the user's.
-os.environ.setdefault("GLM_STUDIO_CACHE", tempfile.mkdtemp(prefix="glm-studio-cache-"))
+if "GLM_STUDIO_CACHE" not in os.environ:
+    os.environ["GLM_STUDIO_CACHE"] = throwaway_dir("glm-studio-cache-")
 
 
 @pytest.fixture(scope="session")
