@@ -252,8 +252,10 @@ static void gguf_rows(int kind, const uint8_t *w, const float *scales, const flo
             __m256 scale = _mm256_set1_ps(s[0]);
             for (int m = 0; m < rows; m++) {
                 const float *xb = x + (size_t)m * k + 32 * b;
-                __m256 s01 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(xb)));
-                __m256 s23 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xb + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(xb + 16)));
+                __m256 s01 = _mm256_mul_ps(v[0], _mm256_loadu_ps(xb));
+                __m256 s23 = _mm256_mul_ps(v[2], _mm256_loadu_ps(xb + 16));
+                s01 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xb + 8), s01);
+                s23 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xb + 24), s23);
                 acc[r][m] = _mm256_fmadd_ps(scale, _mm256_add_ps(s01, s23), acc[r][m]);
                 if (per == 2) mins[r][m] += s[1] * x_sums[(size_t)m * blocks + b];
             }
