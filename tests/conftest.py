@@ -28,6 +28,17 @@ if "GLM_STUDIO_CACHE" not in os.environ:
     os.environ["GLM_STUDIO_CACHE"] = throwaway_dir("glm-studio-cache-")
 
 
+def _native_library_builds() -> bool:
+    from glm_core import native
+    return native.wanted() and native.compiler_path() is not None
+
+
+# glm_core.native's kernel library (its AVX2 products, GGUF products, decode attention) builds on every CPU with AVX2
+# where a C compiler is found; the AVX2-path products also need torch on that path (test_quant's needs_native).
+needs_native_library = pytest.mark.skipif(
+    not _native_library_builds(), reason="glm_core.native's kernels build where the CPU has AVX2, with a C compiler")
+
+
 @pytest.fixture(scope="session")
 def embedded_engine():
     """The real embedded SmolLM2, loaded once for the whole run (fp32: deterministic greedy ids)."""

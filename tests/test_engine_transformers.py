@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import glm_core
-from glm_core import GenerationParams, ReplyStats, native, quant
+from glm_core import GenerationParams, ReplyStats, quant
+from conftest import needs_native_library
 from quant_sweep import error_bound
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -165,8 +166,7 @@ def test_decode_steps_write_the_cache_in_place_with_the_same_logits(padded_engin
     torch.testing.assert_close(growing, reference, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not native.wanted() or not native.compiler_path(),
-                    reason="GGUF weights are kept where glm_core.native's products run (AVX2, built by a C compiler)")
+@needs_native_library   # GGUF weights are kept where glm_core.native's products run
 def test_the_embedded_models_gguf_weights_are_kept_as_stored_exactly(embedded_engine):
     """The GGUF stores the layers as Q4_1 and the tied embedding / output table as Q8_0; transformers dequantizes them
     to 457 MB of fp32. The fp32 engine keeps their codes and scales instead: the same weights in a quarter of the

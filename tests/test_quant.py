@@ -14,7 +14,7 @@ from torch import nn
 
 from glm_core import native, quant
 from glm_core.model import linear
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, needs_native_library
 from quant_sweep import activation_bits, error_bound, quantized_activations
 
 LAYER0 = "transformer.encoder.layers.0."
@@ -209,8 +209,7 @@ def test_the_chunked_prefill_product_leaves_nothing_of_the_last_chunk_in_its_scr
     assert ((out.double() - xb.mm(w.t())).abs() <= error_bound(xb, w, torch.bfloat16)).all()
 
 
-@pytest.mark.skipif(not native.wanted() or not native.compiler_path(),
-                    reason="built where the CPU has AVX2, by a C compiler")
+@needs_native_library
 @pytest.mark.parametrize("group", quant.INT4_GROUP_SIZES)
 def test_native_int4_dequantization_rounds_as_torchs(group):
     """The dense path's one-pass dequantization (int4_dequantize_bf16, on every AVX2 CPU whatever torch's path) gives
@@ -233,8 +232,7 @@ def test_native_int4_dequantization_rounds_as_torchs(group):
         assert torch.equal(got.view(torch.int16), reference[start:stop].view(torch.int16)), (start, stop)
 
 
-@pytest.mark.skipif(not native.wanted() or not native.compiler_path(),
-                    reason="built where the CPU has AVX2, by a C compiler")
+@needs_native_library
 @pytest.mark.parametrize("in_features", [8, 100, 4096])   # 100: past the kernel's 8-wide steps; padded to 112
 def test_native_int8_dequantization_rounds_as_torchs(in_features):
     """int8_dequantize_bf16: q * scale rounded once to bf16, bit for bit what the fp32 dequantization rounded to bf16
@@ -749,11 +747,6 @@ def test_gguf_tables_give_a_gguf_tensor_back_exactly_and_nothing_else(kind, monk
     assert TABLES[kind](w[:, :80]) is None                        # not whole blocks
     assert TABLES[kind](w.bfloat16()) is None                     # not the fp32 weights
     assert TABLES[kind](w / 3) is None                            # off the grid
-
-
-needs_native_library = pytest.mark.skipif(
-    not native.wanted() or not native.compiler_path(),
-    reason="the GGUF products are glm_core.native's (AVX2, built by a C compiler)")
 
 
 @needs_native_library
