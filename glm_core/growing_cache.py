@@ -1,12 +1,12 @@
 """transformers' DynamicCache with layers that write new positions in place.
 
 transformers' DynamicLayer concatenates on every update: each decode step copies the layer's whole cache into a
-fresh tensor, so a step's cost grows with the conversation. The embedded model on a 2-core AMX Xeon, after a prompt
-of 4000 tokens, decoded 12.5-12.7 tok/s (int4) and 11.2-11.8 (fp32) with those copies, 18.3-18.6 and 14.4-14.9
-without (BENCHMARKS.md); after 32 tokens the same within noise. GrowingLayer keeps room in whole chunks of KV_GROWTH
-positions and writes into it. `keys` and `values` stay what transformers and batch.PaddedBatcher read and assign:
-the written positions (a view of the room). One assigned from outside (a splice, a crop, a row cut out) becomes the
-layer's content, moved into new room at the next update.
+fresh tensor, so a step's cost grows with the conversation. The embedded model (then run through transformers) on a
+2-core AMX Xeon, after a prompt of 4000 tokens, decoded 12.5-12.7 tok/s (int4) and 11.2-11.8 (fp32) with those
+copies, 18.3-18.6 and 14.4-14.9 without (BENCHMARKS.md); after 32 tokens the same within noise. GrowingLayer keeps
+room in whole chunks of KV_GROWTH positions and writes into it. `keys` and `values` stay what transformers and
+batch.PaddedBatcher read and assign: the written positions (a view of the room). One assigned from outside (a splice,
+a crop, a row cut out) becomes the layer's content, moved into new room at the next update.
 """
 from __future__ import annotations
 
