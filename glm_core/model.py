@@ -13,6 +13,7 @@ batch); attention runs per segment against its own cache. The single-sequence ve
 from __future__ import annotations
 
 import functools
+import itertools
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Callable
@@ -90,6 +91,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if native.takes_rms_norm(x, self.weight):
+            return native.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.round_first:
@@ -111,7 +114,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         """x [rows, hidden]; `attend(q, k, v)` ([heads, rows, D], [kv_groups, rows, D] x 2) stores the keys and
-        values and returns the attention output [rows, heads * D]: per segment (attend_segments) or on a
+        values and returns the attention output [rows, heads * D]: per segment (SegmentAttention) or on a
         full-length cache at a position held in a tensor (attend_at, for CUDA graphs)."""
         H, G, D = self.num_heads, self.kv_groups, self.head_dim
         rows = x.shape[0]
@@ -147,37 +150,61 @@ def attention_kernels(dtype: torch.dtype, backends: list[SDPBackend] | None = No
     return nullcontext() if backends is None else sdpa_kernel(backends)
 
 
-def attend_segments(layer: int, spans: list[tuple[KVCache, int, int]], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Each segment's rows against its own cache: spans (cache, start, length) in row order, a segment's rows at
-    positions start.. after the start positions its cache holds. The one-row segments (decode steps) attend together
-    through native.decode_attention where it takes them (fp32 on CPU), else one by one."""
-    H, _, D = q.shape
-    out, row, decoding = [], 0, []   # decoding: (index in out, row, keys, values) of the one-row segments
-    for cache, start, T in spans:
-        keys, values = cache.store(layer, start, k[:, row:row + T], v[:, row:row + T])
-        qs = q[None, :, row:row + T]   # [1, heads, T, D]: SDPA takes its fused CPU kernel only for 4-D inputs
-        if T == 1:
-            decoding.append((len(out), row, keys, values))
-            out.append(None)
-        else:
-            if start == 0:
-                o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
-            else:   # is_causal aligns the mask top-left; with a cached prefix row i sees keys 0..start+i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
-                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
-            out.append(o[0].transpose(0, 1).reshape(T, H * D))
-        row += T
-    if decoding:
-        rows = [r for _, r, _, _ in decoding]
-        queries = q[:, rows].transpose(0, 1)   # [rows, heads, D]
-        if native.takes_decode_attention(queries, decoding[0][2]):
-            together = native.decode_attention(queries, [d[2] for d in decoding], [d[3] for d in decoding])
-            for i, (index, _, _, _) in enumerate(decoding):
+class SegmentAttention:
+    """Attention for one forward pass over segments: spans (cache, start, length) in row order, a segment's rows at
+    positions start.. after the start positions its cache holds; called per layer as (layer, q, k, v). What every
+    layer needs of the segments is worked out on the first: the one-row segments (decode steps) attend together
+    through native.decode_attention where it takes them (fp32 on CPU; it stores their keys and values too), else one
+    by one; longer ones through scaled_dot_product_attention."""
+
+    def __init__(self, spans: list[tuple[KVCache, int, int]]):
+        self.spans = spans
+        first_rows = itertools.accumulate((T for _, _, T in spans), initial=0)
+        self.decoding = [(index, row) for index, (row, (_, _, T)) in enumerate(zip(first_rows, spans))
+                         if T == 1]   # (span index, its row) of the one-row segments
+        self.planned = False
+        self.native_plan: Tensor | None = None   # native.decode_attention_plan of the decoding spans, when it takes them
+        self.native_rows: Tensor | None = None
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [heads, rows, D], k and v [kv_groups, rows, D] -> [rows, heads * D]; keys and values stored."""
+        if not self.planned:
+            self.planned = True
+            tensors = [self.spans[index][0].tensor for index, _ in self.decoding]
+            if tensors and native.takes_decode_attention(q, k, v, tensors):
+                self.native_plan = native.decode_attention_plan(
+                    tensors, [self.spans[index][1] + 1 for index, _ in self.decoding])
+                self.native_rows = torch.tensor([row for _, row in self.decoding], dtype=torch.int64)
+        out, row = [], 0
+        for cache, start, T in self.spans:
+            if T == 1 and self.native_plan is not None:
+                out.append(None)   # filled in below
+            else:
+                keys, values = cache.store(layer, start, k[:, row:row + T], v[:, row:row + T])
+                out.append(attend_rows(q[:, row:row + T], keys, values, start))
+            row += T
+        if self.native_plan is not None:
+            together = native.decode_attention(self.native_plan[layer], self.native_rows, q, k, v)
+            if len(out) == 1:
+                return together
+            for i, (index, _) in enumerate(self.decoding):
                 out[index] = together[i:i + 1]
-        else:
-            for index, r, keys, values in decoding:
-                out[index] = attend_one(q[:, r:r + 1], keys, values)
-    return out[0] if len(out) == 1 else torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def attend_rows(q: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
+    """A segment's T rows q [heads, T, D] at positions start.. against its cached keys and values [1, G, start + T, D]
+    (theirs stored); [T, heads * D]."""
+    H, T, D = q.shape
+    if T == 1:
+        return attend_one(q, keys, values)
+    qs = q[None]   # [1, heads, T, D]: SDPA takes its fused CPU kernel only for 4-D inputs
+    if start == 0:
+        o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
+    else:   # is_causal aligns the mask top-left; with a cached prefix row i sees keys 0..start+i
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
+    return o[0].transpose(0, 1).reshape(T, H * D)
 
 
 def attend_at(layer: int, cache: KVCache, position: Tensor, visible: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -329,9 +356,10 @@ class ChatGLM(SequenceVerbs):
         positions = torch.cat([torch.arange(start, start + T) for _, start, T in spans]).to(self.device)
         x = self.transformer.embedding.word_embeddings(torch.tensor(all_ids, device=self.device)).to(self.dtype)
         cos, sin = self.rope(positions)
+        attention = SegmentAttention(spans)
         with attention_kernels(self.dtype):
             for i, layer in enumerate(self.transformer.encoder.layers):
-                x = layer(x, cos, sin, partial(attend_segments, i, spans))
+                x = layer(x, cos, sin, partial(attention, i))
         for cache, ids in segments:
             cache.ids += ids
         return self.transformer.encoder.final_layernorm(x)

@@ -170,9 +170,10 @@ def library() -> ctypes.CDLL | None:
     lib.int8_matmul_tiled.argtypes = lib.int8_matmul.argtypes
     lib.int4_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 6
     lib.int8_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 4
-    lib.gguf_matmul.argtypes = [ctypes.c_int] + [pointer] * 4 + [ctypes.c_int] * 3
+    lib.gguf_matmul.argtypes = [ctypes.c_int] + [pointer] * 4 + [ctypes.c_int] * 4
     lib.gguf_dequantize.argtypes = [ctypes.c_int] + [pointer] * 3 + [ctypes.c_int] * 3
-    lib.decode_attention.argtypes = [pointer] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float, pointer]
+    lib.decode_attention.argtypes = [pointer] * 6 + [ctypes.c_int] * 4 + [ctypes.c_float, pointer]
+    lib.rms_norm_scale.argtypes = [pointer] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float]
     return lib
 
 
@@ -338,13 +339,20 @@ def takes_gguf(x: Tensor, module) -> bool:
             and module.out_features % 2 == 0 and library() is not None)
 
 
+@functools.cache
+def gguf_wide() -> bool:
+    """Whether gguf_matmul runs its 512-bit loop: torch on its AVX-512 path (so ATEN_CPU_CAPABILITY=avx2 stands for an
+    AVX2 CPU here too)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def gguf_matmul(x: Tensor, module) -> Tensor:
     """x [rows, in] fp32 (contiguous) @ W.T -> fp32 [rows, out] for a GGUFLinear that takes_gguf: each block's sum of
     code x activation in fp32, times its scale (Q4_1: plus its min x the block's sum of activations)."""
     out = torch.empty(x.shape[0], module.out_features, dtype=torch.float32)
     return _checked(library().gguf_matmul(GGUF_KINDS[module.kind], x.data_ptr(), module.qweight.data_ptr(),
                                           module.scales.data_ptr(), out.data_ptr(), x.shape[0], module.out_features,
-                                          module.in_features), out)
+                                          module.in_features, gguf_wide()), out)
 
 
 def dequantizes_gguf(module) -> bool:
@@ -364,27 +372,55 @@ def gguf_dequantize(module, start: int, stop: int, out: Tensor | None = None) ->
 ATTN_MAX_HEADS_PER_GROUP = 64   # the kernel's bound on query heads sharing a key head
 
 
-def takes_decode_attention(q: Tensor, keys: Tensor) -> bool:
-    """Whether decode_attention can attend q [rows, heads, D] to keys like these ([1, groups, length, D] views of a
-    KVCache, positions contiguous): fp32 on CPU, D a multiple of 8, on any CPU with AVX2."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and keys.dtype == torch.float32
-            and keys.stride(-1) == 1 and keys.stride(-2) == keys.shape[-1] and keys.shape[-1] % 8 == 0
-            and q.shape[1] // keys.shape[1] <= ATTN_MAX_HEADS_PER_GROUP and library() is not None)
+def takes_decode_attention(q: Tensor, k: Tensor, v: Tensor, caches: list[Tensor]) -> bool:
+    """Whether decode_attention can attend q, k, v ([heads or groups, rows, D] views) on these KVCache tensors: fp32
+    on CPU, D contiguous and a multiple of 8, on any CPU with AVX2."""
+    return (q.device.type == "cpu" and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
+            and q.shape[-1] % 8 == 0 and all(c.dtype == torch.float32 and c.is_contiguous() for c in caches)
+            and q.shape[0] // caches[0].shape[2] <= ATTN_MAX_HEADS_PER_GROUP and library() is not None)
 
 
-def decode_attention(q: Tensor, keys: list[Tensor], values: list[Tensor]) -> Tensor:
-    """Row i of q [rows, heads, D] (one new position of sequence i) attends to keys[i], values[i] ([1, groups, length,
-    D] views of its KVCache, the new position stored), scaled by 1 / sqrt(D) as scaled_dot_product_attention does;
-    [rows, heads * D] fp32. One call for every sequence of a decode step (the kernel's comment says why)."""
-    rows, heads, d = q.shape
-    q = q.contiguous()
-    addresses = torch.tensor([[k.data_ptr(), v.data_ptr(), k.stride(1)] for k, v in zip(keys, values)],
-                             dtype=torch.int64).t().contiguous()
-    lengths = torch.tensor([k.shape[2] for k in keys], dtype=torch.int32)
-    out = torch.empty(rows, heads * d, dtype=torch.float32)
+def decode_attention_plan(caches: list[Tensor], lengths: list[int]) -> Tensor:
+    """What decode_attention needs of these KVCache tensors (positions reserved) in every layer of a step: int64 [layers,
+    sequences, 4], (keys address, values address, elements between key groups, length), the lengths counting the new
+    position."""
+    plan = torch.empty(caches[0].shape[0], len(caches), 4, dtype=torch.int64)
+    for i, (t, length) in enumerate(zip(caches, lengths)):
+        layers = torch.arange(t.shape[0], dtype=torch.int64) * (t.stride(0) * t.element_size())
+        plan[:, i, 0] = layers + t.data_ptr()
+        plan[:, i, 1] = layers + t.data_ptr() + t.stride(1) * t.element_size()
+        plan[:, i, 2] = t.stride(2)
+        plan[:, i, 3] = length
+    return plan
+
+
+def decode_attention(plan: Tensor, rows: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Sequence i of a decode step attends with row rows[i] (an int64 tensor) of q [heads, rows, D], k and v [groups,
+    rows, D] (views, D contiguous) on its cache, as `plan` (a layer's decode_attention_plan) gives it: k and v stored
+    at its last position first, then scaled by 1 / sqrt(D) as scaled_dot_product_attention does; [sequences, heads *
+    D] fp32. One call for every sequence of the step (the kernel's comment says why)."""
+    sequences, (heads, _, d), groups = plan.shape[0], q.shape, k.shape[0]
+    strides = torch.tensor([*q.stride()[:2], *k.stride()[:2], *v.stride()[:2]], dtype=torch.int64)
+    out = torch.empty(sequences, heads * d, dtype=torch.float32)
     return _checked(library().decode_attention(
-        q.data_ptr(), addresses[0].data_ptr(), addresses[1].data_ptr(), addresses[2].data_ptr(), lengths.data_ptr(),
-        rows, heads, keys[0].shape[1], d, d ** -0.5, out.data_ptr()), out)
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), rows.data_ptr(), plan.data_ptr(), sequences,
+        heads, groups, d, d ** -0.5, out.data_ptr()), out)
+
+
+def takes_rms_norm(x: Tensor, weight: Tensor) -> bool:
+    """Whether rms_norm can normalize x: fp32 rows and weight on CPU, contiguous, on any CPU with AVX2."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.is_contiguous() and weight.is_contiguous() and library() is not None)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight x (x x rsqrt(mean(x^2) + eps)) over the last dim of fp32 x, bit for bit as model.RMSNorm computes it in
+    torch: the mean square by torch's own ops (its order of summing), the rest in one native call."""
+    mean_square = x.pow(2).mean(-1)
+    out = torch.empty_like(x)
+    library().rms_norm_scale(x.data_ptr(), mean_square.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                             mean_square.numel(), x.shape[-1], eps)
+    return out
 
 
 def takes_bf16(x: Tensor, weight: Tensor) -> bool:

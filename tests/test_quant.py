@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from glm_core import native, quant
-from glm_core.model import linear
+from glm_core.model import RMSNorm, linear
 from conftest import FIXTURES, ROOT, needs_native_library
 from quant_sweep import activation_bits, error_bound, quantized_activations
 
@@ -777,28 +777,55 @@ ATTN_CHUNK = 256   # positions a work item of native's decode_attention takes (k
 @pytest.mark.parametrize("heads, groups, d, lengths", [(9, 3, 64, [1, 5, 256, 257, 2000]), (32, 2, 128, [17, 700]),
                                                        (4, 4, 8, [3])])
 def test_decode_attention_is_attention_in_fp32_for_every_sequence_at_once(heads, groups, d, lengths):
-    """One new row per sequence against caches of other lengths (chunk edges included), laid out as KVCache holds them
-    (room past the written positions), against float64 attention. The bound follows the arithmetic: each score a dot
-    product of d fp32 terms (then scaled), exp within 2 ulp, a chunk's exponentials and weighted values summed in fp32
-    over at most ATTN_CHUNK positions, chunks combined."""
+    """One new row per sequence against caches of other lengths (chunk edges included), KVCache tensors of two layers
+    with room past the written positions, the new rows taken from a fused q/k/v product's views as the model passes
+    them (one row of it not a decode step), against float64 attention. The new keys and values land at each cache's
+    last position. The bound follows the arithmetic: each score a dot product of d fp32 terms (then scaled), exp
+    within 2 ulp, a chunk's exponentials and weighted values summed in fp32 over at most ATTN_CHUNK positions, chunks
+    combined."""
     g = torch.Generator().manual_seed(heads + d)
-    caches = [torch.randn(2, groups, -(-n // 256) * 256, d, generator=g) for n in lengths]
-    keys = [c[0][None, :, :n] for c, n in zip(caches, lengths)]
-    values = [c[1][None, :, :n] for c, n in zip(caches, lengths)]
-    q = torch.randn(len(lengths), heads, d, generator=g) * 2
-    assert native.takes_decode_attention(q, keys[0])
-    got = native.decode_attention(q, keys, values).double()
+    caches = [torch.randn(2, 2, groups, -(-n // 256) * 256, d, generator=g) for n in lengths]
+    before = [c.clone() for c in caches]
+    qkv = torch.randn(len(lengths) + 1, heads + 2 * groups, d, generator=g) * 2   # row 0: another segment's
+    q = qkv[:, :heads].transpose(0, 1)
+    k, v = qkv[:, heads:heads + groups].transpose(0, 1), qkv[:, heads + groups:].transpose(0, 1)
+    rows = torch.arange(1, len(lengths) + 1)
+    assert native.takes_decode_attention(q, k, v, caches)
+    plan = native.decode_attention_plan(caches, lengths)
+    got = native.decode_attention(plan[1], rows, q, k, v).double()
     u, scale = 2.0 ** -24, d ** -0.5
-    for i, (k, v) in enumerate(zip(keys, values)):
-        qi = q[i].double().view(groups, heads // groups, d)
-        ref = torch.softmax(qi @ k[0].double().transpose(1, 2) * scale, -1) @ v[0].double()   # [groups, per, d]
-        chunks = -(-lengths[i] // ATTN_CHUNK)
-        score_error = 1.01 * (d + 2) * u * scale * (qi.abs() @ k[0].double().abs().transpose(1, 2)).amax()
-        relative = 2 * score_error + (min(lengths[i], ATTN_CHUNK) + chunks + 8) * u
-        bound = v.abs().max().item() * (relative + (min(lengths[i], ATTN_CHUNK) + chunks + 2) * u) * 1.01
+    for i, (cache, n) in enumerate(zip(caches, lengths)):
+        assert torch.equal(cache[0], before[i][0])   # layer 0 untouched
+        assert torch.equal(cache[1, 0, :, n - 1], k[:, i + 1]) and torch.equal(cache[1, 1, :, n - 1], v[:, i + 1])
+        assert torch.equal(cache[1, :, :, :n - 1], before[i][1, :, :, :n - 1])
+        keys, values = cache[1, 0, :, :n].double(), cache[1, 1, :, :n].double()
+        qi = q[:, i + 1].double().view(groups, heads // groups, d)
+        ref = torch.softmax(qi @ keys.transpose(1, 2) * scale, -1) @ values   # [groups, per, d]
+        chunks = -(-n // ATTN_CHUNK)
+        score_error = 1.01 * (d + 2) * u * scale * (qi.abs() @ keys.abs().transpose(1, 2)).amax()
+        relative = 2 * score_error + (min(n, ATTN_CHUNK) + chunks + 8) * u
+        bound = values.abs().max().item() * (relative + (min(n, ATTN_CHUNK) + chunks + 2) * u) * 1.01
         assert (got[i] - ref.reshape(-1)).abs().max() <= bound, i
-        alone = native.decode_attention(q[i:i + 1], [k], [v])
+        alone = native.decode_attention(native.decode_attention_plan([cache], [n])[1], rows[i:i + 1], q, k, v)
         assert torch.equal(alone[0], got[i].float())   # the same alone or beside other sequences
+
+
+@needs_native_library
+@pytest.mark.parametrize("round_first", [False, True])
+@pytest.mark.parametrize("rows, n", [(1, 576), (3, 64), (513, 4096), (2, 100)])
+def test_native_rms_norm_is_torchs_bit_for_bit(rows, n, round_first, monkeypatch):
+    """model.RMSNorm on fp32 rows runs native.rms_norm: the same values as its torch ops, to the bit (a norm that sums
+    its squares in another order flips bf16 roundings downstream and moved the v2_int8 fixture off its gate)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(rows, n, generator=g) * torch.logspace(-3, 3, rows)[:, None]
+    norm = RMSNorm(n, 1e-5)
+    norm.round_first = round_first
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(n, generator=g))
+    assert native.takes_rms_norm(x, norm.weight)
+    got = norm(x)
+    monkeypatch.setattr(native, "takes_rms_norm", lambda *args: False)
+    assert torch.equal(got, norm(x))
 
 
 @needs_native_library

@@ -234,8 +234,9 @@ static inline void gguf_widen(int kind, const uint8_t *codes, __m256 v[4]) {
 static inline int gguf_block_bytes(int kind) { return kind == GGUF_Q8_0 ? 32 : 16; }
 static inline int gguf_block_scales(int kind) { return kind == GGUF_Q8_0 ? 1 : 2; }
 
-/* x_sums [rows][k / 32]: each block's sum of activations (Q4_1's min term) */
-static void gguf_rows(int kind, const uint8_t *w, const float *scales, const float *x, const float *x_sums, float *y,
+/* x_sums [rows][k / 32]: each block's sum of activations (Q4_1's min term). Inlined with `rows` a constant
+ * (gguf_rows): the totals then stay in registers (a variable count kept them in memory, 2.5x slower). */
+static inline __attribute__((always_inline)) void gguf_rows_of(int kind, const uint8_t *w, const float *scales, const float *x, const float *x_sums, float *y,
                       int rows, int ldy, int k) {
     int blocks = k / 32, bytes = gguf_block_bytes(kind), per = gguf_block_scales(kind);
     __m256 acc[GGUF_W][GGUF_X];
@@ -265,9 +266,75 @@ static void gguf_rows(int kind, const uint8_t *w, const float *scales, const flo
         for (int m = 0; m < rows; m++) y[(size_t)m * ldy + r] = hsum(acc[r][m]) + mins[r][m];
 }
 
+/* The same with 512-bit vectors, for CPUs with AVX-512 (gguf_matmul's `wide`): each 16 codes of a block widened to
+ * 16 fp32 in 3 instructions (zero-extend the bytes to 32 bits from memory; the low nibble looked up in a table of 0..15
+ * by vpermps, which reads only an index's low 4 bits; the high one shifted down first), Q8_0's by sign extension
+ * and conversion: half the instructions per weight of the 256-bit loop, whose arithmetic, not memory, bounded it. */
+#define GGUF_AVX512 __attribute__((target("avx512f")))
+
+GGUF_AVX512 static inline void gguf_widen16(int kind, const uint8_t *codes, __m512 v[2], __m512 values) {
+    if (kind == GGUF_Q8_0) {
+        v[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
+        v[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
+        return;
+    }
+    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
+    v[0] = _mm512_permutexvar_ps(q, values);                        /* columns 0..15: low nibbles */
+    v[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), values);  /* columns 16..31 */
+}
+
+GGUF_AVX512 static inline __attribute__((always_inline)) void gguf_rows_avx512_of(int kind, const uint8_t *w, const float *scales, const float *x,
+                                         const float *x_sums, float *y, int rows, int ldy, int k) {
+    int blocks = k / 32, bytes = gguf_block_bytes(kind), per = gguf_block_scales(kind);
+    __m512 acc[GGUF_W][GGUF_X];
+    float mins[GGUF_W][GGUF_X] = {{0}};
+    __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int r = 0; r < GGUF_W; r++)
+        for (int m = 0; m < rows; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        for (int r = 0; r < GGUF_W; r++) {
+            const uint8_t *at = w + ((size_t)r * blocks + b) * bytes;
+            const float *s = scales + ((size_t)r * blocks + b) * per;
+            _mm_prefetch((const char *)at + GGUF_PREFETCH, _MM_HINT_T1);
+            __m512 v[2];
+            gguf_widen16(kind, at, v, values);
+            __m512 scale = _mm512_set1_ps(s[0]);
+            for (int m = 0; m < rows; m++) {
+                const float *xb = x + (size_t)m * k + 32 * b;
+                __m512 sum = _mm512_fmadd_ps(v[1], _mm512_loadu_ps(xb + 16), _mm512_mul_ps(v[0], _mm512_loadu_ps(xb)));
+                acc[r][m] = _mm512_fmadd_ps(scale, sum, acc[r][m]);
+                if (per == 2) mins[r][m] += s[1] * x_sums[(size_t)m * blocks + b];
+            }
+        }
+    }
+    for (int r = 0; r < GGUF_W; r++)
+        for (int m = 0; m < rows; m++) y[(size_t)m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]) + mins[r][m];
+}
+
+static void gguf_rows(int kind, const uint8_t *w, const float *scales, const float *x, const float *x_sums, float *y,
+                      int rows, int ldy, int k) {
+    switch (rows) {
+    case 1: gguf_rows_of(kind, w, scales, x, x_sums, y, 1, ldy, k); break;
+    case 2: gguf_rows_of(kind, w, scales, x, x_sums, y, 2, ldy, k); break;
+    case 3: gguf_rows_of(kind, w, scales, x, x_sums, y, 3, ldy, k); break;
+    default: gguf_rows_of(kind, w, scales, x, x_sums, y, GGUF_X, ldy, k);
+    }
+}
+
+GGUF_AVX512 static void gguf_rows_avx512(int kind, const uint8_t *w, const float *scales, const float *x,
+                                         const float *x_sums, float *y, int rows, int ldy, int k) {
+    switch (rows) {
+    case 1: gguf_rows_avx512_of(kind, w, scales, x, x_sums, y, 1, ldy, k); break;
+    case 2: gguf_rows_avx512_of(kind, w, scales, x, x_sums, y, 2, ldy, k); break;
+    case 3: gguf_rows_avx512_of(kind, w, scales, x, x_sums, y, 3, ldy, k); break;
+    default: gguf_rows_avx512_of(kind, w, scales, x, x_sums, y, GGUF_X, ldy, k);
+    }
+}
+
 /* y [rows, n] fp32 = x [rows, k] fp32 @ W.T for a GGUF block tensor W [n, k] (above); n a multiple of GGUF_W, k of
- * 32. 0, or -1 when out of memory. */
-int gguf_matmul(int kind, const float *x, const uint8_t *w, const float *scales, float *y, int rows, int n, int k) {
+ * 32; `wide`: the 512-bit loop (the CPU has AVX-512F). 0, or -1 when out of memory. */
+int gguf_matmul(int kind, const float *x, const uint8_t *w, const float *scales, float *y, int rows, int n, int k,
+                int wide) {
     int blocks = k / 32;
     float *x_sums = malloc(sizeof(float) * ((size_t)rows * blocks + 1));
     if (!x_sums) return -1;
@@ -280,9 +347,14 @@ int gguf_matmul(int kind, const float *x, const uint8_t *w, const float *scales,
     size_t row_bytes = (size_t)blocks * gguf_block_bytes(kind), row_scales = (size_t)blocks * gguf_block_scales(kind);
 #pragma omp parallel for schedule(static)
     for (int j = 0; j < n; j += GGUF_W)
-        for (int m = 0; m < rows; m += GGUF_X)
-            gguf_rows(kind, w + (size_t)j * row_bytes, scales + (size_t)j * row_scales, x + (size_t)m * k,
-                      x_sums + (size_t)m * blocks, y + (size_t)m * n + j, rows - m < GGUF_X ? rows - m : GGUF_X, n, k);
+        for (int m = 0; m < rows; m += GGUF_X) {
+            int pass = rows - m < GGUF_X ? rows - m : GGUF_X;
+            const uint8_t *wj = w + (size_t)j * row_bytes;
+            const float *sj = scales + (size_t)j * row_scales, *xm = x + (size_t)m * k, *sums = x_sums + (size_t)m * blocks;
+            float *yj = y + (size_t)m * n + j;
+            if (wide) gguf_rows_avx512(kind, wj, sj, xm, sums, yj, pass, n, k);
+            else gguf_rows(kind, wj, sj, xm, sums, yj, pass, n, k);
+        }
     free(x_sums);
     return 0;
 }
@@ -847,26 +919,44 @@ static inline __m256 exp_ps(__m256 x) {
 
 struct attn_item { int seq, group, start, stop; };
 
-/* q [rows][heads][d]; sequence i's keys at keys[i] + g * head_strides[i] + position * d (values likewise), positions
- * below lengths[i]; out [rows][heads][d]. d a multiple of 8, heads / groups at most ATTN_MAX_HEADS_PER_GROUP. 0, or -1
- * when out of memory. */
-int decode_attention(const float *q, const int64_t *keys, const int64_t *values, const int64_t *head_strides,
-                     const int *lengths, int rows, int heads, int groups, int d, float scale, float *out) {
+/* Sequence i of `sequences` attends with row rows[i] of q, k and v: views [heads or groups][rows][d], element strides in
+ * strides[0..5] (q's between heads and rows, then k's, then v's), d contiguous. Its cache: seqs[4i..4i+3] = (keys
+ * address, values address, elements between key groups, length with the new position), positions d floats apart; the
+ * new k and v rows are stored at its last position first. out [sequences][heads][d]. d a multiple of 8, heads / groups at most
+ * ATTN_MAX_HEADS_PER_GROUP. 0, or -1 when out of memory. */
+int decode_attention(const float *q_rows, const float *k_rows, const float *v_rows, const int64_t *strides,
+                     const int64_t *rows, const int64_t *seqs, int sequences, int heads, int groups, int d, float scale,
+                     float *out) {
     int per = heads / groups, count = 0;
-    for (int i = 0; i < rows; i++) count += groups * ((lengths[i] + ATTN_CHUNK - 1) / ATTN_CHUNK);
+    float *q = malloc(sizeof(float) * (size_t)sequences * heads * d);
+    if (!q) return -1;
+#define KEYS(i) ((float *)(intptr_t)seqs[4 * (i)])
+#define VALUES(i) ((float *)(intptr_t)seqs[4 * (i) + 1])
+#define GROUP_STRIDE(i) seqs[4 * (i) + 2]
+#define LENGTH(i) ((int)seqs[4 * (i) + 3])
+    for (int i = 0; i < sequences; i++) {
+        for (int h = 0; h < heads; h++)
+            memcpy(q + ((size_t)i * heads + h) * d, q_rows + h * strides[0] + rows[i] * strides[1], sizeof(float) * d);
+        for (int g = 0; g < groups; g++) {
+            size_t at = (size_t)g * GROUP_STRIDE(i) + (size_t)(LENGTH(i) - 1) * d;
+            memcpy(KEYS(i) + at, k_rows + g * strides[2] + rows[i] * strides[3], sizeof(float) * d);
+            memcpy(VALUES(i) + at, v_rows + g * strides[4] + rows[i] * strides[5], sizeof(float) * d);
+        }
+        count += groups * ((LENGTH(i) + ATTN_CHUNK - 1) / ATTN_CHUNK);
+    }
     struct attn_item *items = malloc(sizeof(struct attn_item) * count);
     float *partial = malloc(sizeof(float) * (size_t)count * per * (d + 2));   /* per item and head: max, sum, acc[d] */
-    if (!items || !partial) { free(items); free(partial); return -1; }
+    if (!items || !partial) { free(items); free(partial); free(q); return -1; }
     count = 0;
-    for (int i = 0; i < rows; i++)
+    for (int i = 0; i < sequences; i++)
         for (int g = 0; g < groups; g++)
-            for (int s = 0; s < lengths[i]; s += ATTN_CHUNK)
-                items[count++] = (struct attn_item){i, g, s, s + ATTN_CHUNK < lengths[i] ? s + ATTN_CHUNK : lengths[i]};
+            for (int s = 0; s < LENGTH(i); s += ATTN_CHUNK)
+                items[count++] = (struct attn_item){i, g, s, s + ATTN_CHUNK < LENGTH(i) ? s + ATTN_CHUNK : LENGTH(i)};
 #pragma omp parallel for schedule(dynamic, 1)
     for (int t = 0; t < count; t++) {
         struct attn_item it = items[t];
-        const float *k = (const float *)(intptr_t)keys[it.seq] + it.group * head_strides[it.seq];
-        const float *v = (const float *)(intptr_t)values[it.seq] + it.group * head_strides[it.seq];
+        const float *k = KEYS(it.seq) + it.group * GROUP_STRIDE(it.seq);
+        const float *v = VALUES(it.seq) + it.group * GROUP_STRIDE(it.seq);
         const float *qg = q + ((size_t)it.seq * heads + (size_t)it.group * per) * d;
         int n = it.stop - it.start;
         float score[ATTN_MAX_HEADS_PER_GROUP][ATTN_CHUNK];
@@ -913,8 +1003,8 @@ int decode_attention(const float *q, const int64_t *keys, const int64_t *values,
     }
     /* combine each head's items: weights exp(max_item - max_all) */
     int first = 0;
-    for (int i = 0; i < rows; i++) {
-        int chunks = (lengths[i] + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    for (int i = 0; i < sequences; i++) {
+        int chunks = (LENGTH(i) + ATTN_CHUNK - 1) / ATTN_CHUNK;
         for (int g = 0; g < groups; g++, first += chunks)
             for (int h = 0; h < per; h++) {
                 float top = -INFINITY, total = 0.f, *o = out + ((size_t)i * heads + (size_t)g * per + h) * d;
@@ -934,5 +1024,32 @@ int decode_attention(const float *q, const int64_t *keys, const int64_t *values,
     }
     free(items);
     free(partial);
+    free(q);
     return 0;
+#undef KEYS
+#undef VALUES
+#undef GROUP_STRIDE
+#undef LENGTH
+}
+
+/* The rest of RMSNorm for fp32 rows, given each row's mean square (torch's, so its sum keeps torch's order): out
+ * [rows][n] = weight x (x x r), r = 1 / sqrt(mean_square + eps), every step rounded as torch's elementwise ops round
+ * it (add, sqrt, divide, two products: no FMA), so the result is model.RMSNorm's bit for bit in one call where torch
+ * takes four more ops, the norm of one decode row costing more in their calls than in arithmetic. */
+void rms_norm_scale(const float *x, const float *mean_square, const float *weight, float *out, int rows, int n,
+                    float eps) {
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int m = 0; m < rows; m++) {
+        const float *xm = x + (size_t)m * n;
+        float *om = out + (size_t)m * n;
+        __m256 r = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_sqrt_ps(_mm256_set1_ps(mean_square[m] + eps)));
+        int j = 0;
+        for (; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(om + j, _mm256_mul_ps(_mm256_loadu_ps(weight + j), _mm256_mul_ps(_mm256_loadu_ps(xm + j), r)));
+        float rs = _mm256_cvtss_f32(r);
+        for (; j < n; j++) {
+            volatile float scaled = xm[j] * rs;   /* two roundings, as torch: no contraction into an FMA */
+            om[j] = weight[j] * scaled;
+        }
+    }
 }
