@@ -150,12 +150,12 @@ def test_decode_steps_write_the_cache_in_place_with_the_same_logits(padded_engin
     def run(batcher):
         seq = batcher.open(ids)
         logits = [batcher.step(seq, [])[seq]]
-        storages = set()
+        keys = []   # each step's, all kept alive: a freed storage's address may be reused by the next one
         for _ in range(steps):
             logits.append(batcher.step(None, [(seq, int(logits[-1].argmax()))])[seq])
-            storages.add(batcher.cache.layers[0].keys.untyped_storage().data_ptr())
+            keys.append(batcher.cache.layers[0].keys)
         batcher.close(seq, keep=False)
-        return torch.stack(logits), storages
+        return torch.stack(logits), {k.untyped_storage().data_ptr() for k in keys}
 
     growing, growing_storages = run(PaddedBatcher(padded_engine.model))
     transformers_own = PaddedBatcher(padded_engine.model)
