@@ -21,8 +21,11 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .config import GLMConfig
-from .model import ChatGLM, RMSNorm
+from .kvcache import KVCache
+from .model import ChatGLM, GLMBlock, RMSNorm
+from .quant import GGUFLinear
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,34 @@ class Llama(ChatGLM):
                 module.round_first = True
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = attention_scaling
+        self.native_layers: tuple[Tensor | None] | None = None   # (layer_table's table,) once built
+
+    def _apply(self, fn, *args, **kwargs):
+        self.native_layers = None   # moved or cast: the table's addresses are the old tensors'
+        return super()._apply(fn, *args, **kwargs)
+
+    def hidden(self, segments: list[tuple[KVCache, list[int]]]) -> Tensor:
+        """ChatGLM.hidden; a decode step (one id per sequence, up to native.GGUF_MAX_ROWS) of a model whose products are
+        all GGUF block tensors in fp32 (the embedded model's default) runs its layers in one native call
+        (native.llama_decode_layers)."""
+        table = None
+        if all(len(ids) == 1 for _, ids in segments) and len(segments) <= native.GGUF_MAX_ROWS:
+            if self.native_layers is None:   # built once (600 us on the embedded model), dropped by _apply
+                self.native_layers = (layer_table(self.transformer.encoder.layers),)
+            table = self.native_layers[0]
+        if table is None or not all(cache.dtype == torch.float32 for cache, _ in segments):
+            return super().hidden(segments)
+        for cache, _ in segments:
+            cache.reserve(len(cache.ids) + 1)
+        lengths = [len(cache.ids) + 1 for cache, _ in segments]
+        ids = torch.tensor([ids[0] for _, ids in segments])
+        x = self.transformer.embedding.word_embeddings(ids).to(self.dtype).contiguous()
+        cos, sin = (t[:, 0].contiguous() for t in self.rope(torch.tensor(lengths) - 1))
+        plan = native.decode_attention_plan([cache.tensor for cache, _ in segments], lengths)
+        native.llama_decode_layers(x, table, cos, sin, plan, self.config)
+        for cache, ids in segments:
+            cache.ids += ids
+        return self.transformer.encoder.final_layernorm(x)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """As transformers' rotary embedding: fp32 angles, cos and sin times the rope's attention scaling, rounded to
@@ -56,6 +87,31 @@ class Llama(ChatGLM):
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]
         return ((angles.cos() * self.attention_scaling).to(self.dtype),
                 (angles.sin() * self.attention_scaling).to(self.dtype))
+
+
+def layer_table(blocks: list[GLMBlock]) -> Tensor | None:
+    """native.llama_decode_layers' table of these blocks: their tensors' addresses, int64 [layers x 15] in the order
+    its comment gives; None unless every product is a GGUFLinear it takes (an even number of outputs, no bias but
+    qkv's), the norms fp32 and the library built."""
+    if native.library() is None:
+        return None
+    table = []
+    for block in blocks:
+        attention, mlp = block.self_attention, block.mlp
+        qkv, dense, gate_up, down = attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
+        norms = [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+        if not all(isinstance(p, GGUFLinear) and p.out_features % 2 == 0 and p.qweight.device.type == "cpu"
+                   for p in (qkv, dense, gate_up, down)) or any(p.bias is not None for p in (dense, gate_up, down)):
+            return None
+        if any(n.dtype != torch.float32 for n in norms) or (qkv.bias is not None and qkv.bias.dtype != torch.float32):
+            return None
+        table += [norms[0].data_ptr(), *_fields(qkv), 0 if qkv.bias is None else qkv.bias.data_ptr(), *_fields(dense),
+                  norms[1].data_ptr(), *_fields(gate_up), *_fields(down)]
+    return torch.tensor(table, dtype=torch.int64)
+
+
+def _fields(product: GGUFLinear) -> tuple[int, int, int]:
+    return native.GGUF_KINDS[product.kind], product.qweight.data_ptr(), product.scales.data_ptr()
 
 
 def unsupported(hf) -> str | None:

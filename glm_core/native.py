@@ -174,6 +174,8 @@ def library() -> ctypes.CDLL | None:
     lib.gguf_dequantize.argtypes = [ctypes.c_int] + [pointer] * 3 + [ctypes.c_int] * 3
     lib.decode_attention.argtypes = [pointer] * 6 + [ctypes.c_int] * 4 + [ctypes.c_float, pointer]
     lib.rms_norm_scale.argtypes = [pointer] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float]
+    lib.llama_decode_layers.argtypes = ([pointer, pointer, ctypes.c_int] + [pointer] * 3 + [ctypes.c_int] * 6
+                                        + [ctypes.c_float, ctypes.c_int])
     return lib
 
 
@@ -405,6 +407,19 @@ def decode_attention(plan: Tensor, rows: Tensor, q: Tensor, k: Tensor, v: Tensor
     return _checked(library().decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), rows.data_ptr(), plan.data_ptr(), sequences,
         heads, groups, d, d ** -0.5, out.data_ptr()), out)
+
+
+LLAMA_LAYER_FIELDS = 15   # int64 entries a layer takes in llama_decode_layers' table
+
+
+def llama_decode_layers(x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, plan: Tensor, config) -> Tensor:
+    """Every layer of a Llama-family model (config: its GLMConfig) for one decode row per sequence, x [rows, hidden]
+    fp32 in place: table of the layers' tensors' addresses (model_llama.layer_table), cos and sin [rows, head_dim] (fp32, contiguous), plan from
+    decode_attention_plan. Returns x."""
+    c = config
+    return _checked(library().llama_decode_layers(
+        x.data_ptr(), table.data_ptr(), c.num_layers, cos.data_ptr(), sin.data_ptr(), plan.data_ptr(), x.shape[0],
+        c.hidden_size, c.num_heads, c.kv_groups, c.head_dim, c.ffn_hidden_size, c.norm_eps, gguf_wide()), x)
 
 
 def takes_rms_norm(x: Tensor, weight: Tensor) -> bool:

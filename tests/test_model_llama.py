@@ -3,8 +3,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from glm_core import native
 from glm_core.batch import NativeBatcher
 from glm_core.model_llama import Llama, from_transformers
+from glm_core.quant import GGUFLinear, keep_gguf_tables
+from conftest import needs_native_library
 
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -74,3 +77,50 @@ def test_what_the_blocks_do_not_compute_stays_with_transformers(case, caplog):
         assert from_transformers(hf) is None
     assert reason in caplog.text
     assert list(hf.model.layers) == layers   # nothing taken from it
+
+
+def on_q4_1_grid(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a GGUF Q4_1 tensor holds it (gguf-py's quantizer, dequantized as transformers does on load)."""
+    from gguf import GGMLQuantizationType, quants
+    kind = GGMLQuantizationType.Q4_1
+    return torch.from_numpy(quants.dequantize(quants.quantize(weight.numpy(), kind), kind).copy())
+
+
+@needs_native_library
+@pytest.mark.parametrize("case", ["llama, tied, llama3 rope", "qwen2, q/k/v biases"])
+def test_decode_steps_of_gguf_weights_run_the_layers_in_one_native_call(case, monkeypatch):
+    """A model whose products are all GGUF block tensors (the embedded model in fp32) decodes through
+    native.llama_decode_layers, every layer in one call: the logits its blocks compute in torch, for two sequences of
+    other lengths stepped together, within fp32's rounding (the norms sum their squares in another order, SiLU's exp
+    is within 2 ulp). Prompts still run on the blocks."""
+    hf = random_model(SUPPORTED[case])
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(on_q4_1_grid(p))
+    model = from_transformers(hf)
+    keep_gguf_tables(model)
+    assert all(isinstance(getattr(block.mlp, name), GGUFLinear) for block in model.transformer.encoder.layers
+               for name in ("dense_h_to_4h", "dense_4h_to_h"))
+    calls = []
+    decode_layers = native.llama_decode_layers
+    monkeypatch.setattr(native, "llama_decode_layers", lambda x, *args: calls.append(len(x)) or decode_layers(x, *args))
+
+    def steps() -> torch.Tensor:
+        batcher = NativeBatcher(model)
+        first, second = batcher.open(IDS[:12]), batcher.open(IDS[:5])
+        tokens = {first: IDS[12], second: IDS[5]}
+        batcher.step(first, []), batcher.step(second, [])
+        out = []
+        for i in range(6):
+            logits = batcher.step(None, list(tokens.items()))
+            out.append(torch.stack([logits[first], logits[second]]))
+            tokens = {first: IDS[13 + i], second: IDS[6 + i]}
+        return torch.stack(out)
+
+    fused = steps()
+    assert calls == [2] * 6
+    model.native_layers = (None,)   # no table: the blocks run in torch
+    reference = steps()
+    assert calls == [2] * 6
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5 * reference.abs().max().item())

@@ -1053,3 +1053,100 @@ void rms_norm_scale(const float *x, const float *mean_square, const float *weigh
         }
     }
 }
+
+/* The layers of a Llama-family model (model_llama.Llama) for a decode step, every product a GGUF block tensor
+ * (quant.GGUFLinear), in one call: on the embedded model in fp32 the layers' Python and torch calls between the
+ * products (norms, rotary, attention's bookkeeping, SwiGLU, residuals: ~40 a layer) took about as long as the products
+ * did. x [rows][hidden] fp32, one new position per row (sequence), updated in place to the last layer's output.
+ * layers[LLAMA_FIELDS * l ...] (addresses as int64): input norm weight; qkv kind, codes, scales, bias or 0; dense
+ * kind, codes, scales; post-attention norm weight; gate/up kind, codes, scales; down kind, codes, scales. cos, sin
+ * [rows][d] (rotate_half's, model_llama.rotate_half). plan [layers][rows][4]: native.decode_attention_plan's. The same
+ * arithmetic as the model's blocks, except that the norms' squares are summed in another order than torch's and SiLU
+ * takes exp_ps: within fp32's rounding of them. 0, or -1 when out of memory. */
+#define LLAMA_FIELDS 15
+
+static void silu_times(const float *gate_up, float *out, int rows, int ffn) {
+    for (int m = 0; m < rows; m++) {
+        const float *g = gate_up + (size_t)m * 2 * ffn, *u = g + ffn;
+        float *o = out + (size_t)m * ffn;
+        int j = 0;
+        for (; j + 8 <= ffn; j += 8) {   /* silu(x) = x / (1 + exp(-x)), exp taken of -|x| <= 0 */
+            __m256 x = _mm256_loadu_ps(g + j);
+            __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.f), x)));
+            __m256 positive = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+            __m256 negative = _mm256_mul_ps(positive, e);   /* x e^x / (1 + e^x) for x < 0 */
+            __m256 s = _mm256_blendv_ps(positive, negative, x);
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(s, _mm256_loadu_ps(u + j)));
+        }
+        for (; j < ffn; j++) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+    }
+}
+
+static void rms_norm_rows(const float *x, const float *weight, float *out, int rows, int n, float eps) {
+    float mean_square[rows];
+    for (int m = 0; m < rows; m++) {
+        const float *xm = x + (size_t)m * n;
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 16 <= n; j += 16) {
+            __m256 a = _mm256_loadu_ps(xm + j), b = _mm256_loadu_ps(xm + j + 8);
+            s0 = _mm256_fmadd_ps(a, a, s0);
+            s1 = _mm256_fmadd_ps(b, b, s1);
+        }
+        float squares = hsum(_mm256_add_ps(s0, s1));
+        for (; j < n; j++) squares += xm[j] * xm[j];
+        mean_square[m] = squares / n;
+    }
+    rms_norm_scale(x, mean_square, weight, out, rows, n, eps);
+}
+
+/* rotate_half on the heads of one row: x [heads][d] */
+static void rotate_heads(float *x, const float *cos, const float *sin, int heads, int d) {
+    int half = d / 2;
+    for (int h = 0; h < heads; h++) {
+        float *xh = x + (size_t)h * d;
+        for (int j = 0; j < half; j++) {
+            float first = xh[j], second = xh[j + half];
+            xh[j] = first * cos[j] - second * sin[j];
+            xh[j + half] = second * cos[j + half] + first * sin[j + half];
+        }
+    }
+}
+
+static void add_rows(float *x, const float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+int llama_decode_layers(float *x, const int64_t *layers, int num_layers, const float *cos, const float *sin,
+                        const int64_t *plan, int rows, int hidden, int heads, int groups, int d, int ffn, float eps,
+                        int wide) {
+    int width = (heads + 2 * groups) * d;
+    float *h = malloc(sizeof(float) * (size_t)rows * hidden), *qkv = malloc(sizeof(float) * (size_t)rows * width),
+          *attn = malloc(sizeof(float) * (size_t)rows * heads * d), *y = malloc(sizeof(float) * (size_t)rows * hidden),
+          *gate_up = malloc(sizeof(float) * (size_t)rows * 2 * ffn), *act = malloc(sizeof(float) * (size_t)rows * ffn);
+    int64_t row_index[rows], strides[6] = {d, width, d, width, d, width};
+    int rc = (h && qkv && attn && y && gate_up && act) ? 0 : -1;
+    for (int m = 0; m < rows; m++) row_index[m] = m;
+    for (int l = 0; l < num_layers && rc == 0; l++) {
+        const int64_t *t = layers + (size_t)LLAMA_FIELDS * l;
+#define P(i) ((void *)(intptr_t)t[i])
+        rms_norm_rows(x, P(0), h, rows, hidden, eps);
+        rc |= gguf_matmul((int)t[1], h, P(2), P(3), qkv, rows, width, hidden, wide);
+        if (t[4])
+            for (int m = 0; m < rows; m++) add_rows(qkv + (size_t)m * width, P(4), width);
+        for (int m = 0; m < rows; m++)
+            rotate_heads(qkv + (size_t)m * width, cos + (size_t)m * d, sin + (size_t)m * d, heads + groups, d);
+        rc |= decode_attention(qkv, qkv + (size_t)heads * d, qkv + (size_t)(heads + groups) * d, strides, row_index,
+                               plan + (size_t)l * rows * 4, rows, heads, groups, d, (float)(1.0 / sqrt((double)d)), attn);
+        rc |= gguf_matmul((int)t[5], attn, P(6), P(7), y, rows, hidden, heads * d, wide);
+        add_rows(x, y, (size_t)rows * hidden);
+        rms_norm_rows(x, P(8), h, rows, hidden, eps);
+        rc |= gguf_matmul((int)t[9], h, P(10), P(11), gate_up, rows, 2 * ffn, hidden, wide);
+        silu_times(gate_up, act, rows, ffn);
+        rc |= gguf_matmul((int)t[12], act, P(13), P(14), y, rows, hidden, ffn, wide);
+        add_rows(x, y, (size_t)rows * hidden);
+#undef P
+    }
+    free(h), free(qkv), free(attn), free(y), free(gate_up), free(act);
+    return rc ? -1 : 0;
+}
