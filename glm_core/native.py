@@ -9,12 +9,19 @@ quant.QuantizedLinear.official), tiles stay codes and multiply the activations q
 BENCHMARKS.md has the figures.
 
 GGUF block tensors kept as stored (quant.GGUFLinear: Q8_0 and Q4_1, the embedded model's tables and layers in fp32)
-multiply fp32 activations here on every CPU with AVX2: one row against the embedded model's 49152 x 576 Q8_0 output
-layer 1.8 ms streamed from memory on a 2-core AMX Xeon, against 4.3 for the same weights in fp32.
+multiply fp32 activations here on every CPU with AVX2, in 512-bit vectors where torch runs its AVX-512 path: one row
+against the embedded model's 49152 x 576 Q8_0 output layer 1.8 ms streamed from memory on a 2-core AMX Xeon, against
+4.3 for the same weights in fp32; its 120 Q4_1 layer products 10.3 ms a token before their totals were kept in
+registers, 6.8 after, 6.1 in 512 bits.
 
 Decode steps' attention (one new row per sequence, fp32 caches) runs here too, every sequence of a step in one call
-(decode_attention): on a 2-core AMX Xeon, 2000 cached positions of the embedded model, 212-269 us a layer against
-267-350 for torch's flash attention, which splits one row over its 3 key groups only.
+that also stores the new keys and values (decode_attention): on a 2-core AMX Xeon, 2000 cached positions of the
+embedded model, 212-269 us a layer against 267-350 for torch's flash attention, which splits one row over its 3 key
+groups only. So does RMSNorm's scaling of fp32 rows (rms_norm_scale: torch's rounding, in one call for five ops).
+
+The layers of a Llama-family model whose products are all GGUF block tensors (the embedded model in fp32, its
+default) run a decode step in one call (llama_decode_layers, used by model_llama.Llama): the Python and torch calls
+between its products had taken as long as the products, and a step went from 12.3 to 5.1-6.1 ms (BENCHMARKS.md).
 
 Where torch takes its AVX-512 path its kernels run the products (they are not the bottleneck there), but a prompt's
 int4 and int8 products dequantize the weight a chunk at a time into bf16 for oneDNN's GEMM, and that runs here on
@@ -94,9 +101,10 @@ AMX_MIN_ROWS_INT4 = 20
 AMX_MIN_ROWS_INT4_OFFICIAL = 128
 AMX_MIN_ROWS_INT8 = 4
 AMX_MAX_ROWS = 256
-# GGUF block tensors (fp32 activations): gguf_matmul against chunks dequantized into an fp32 GEMM, 16 / 24 rows (ms):
-# Q4_1 3072 x 576 0.73 / 1.07 against 0.65 / 0.73, Q8_0 49152 x 576 10.7 / 15.7 against 13.3 / 13.5 (one row: 0.10
-# against 0.42, 1.4 against 5.9)
+# GGUF block tensors (fp32 activations): gguf_matmul (512-bit loop) against chunks dequantized into an fp32 GEMM,
+# 16 / 24 / 32 / 48 rows on a 2-core AMX Xeon (ms): Q4_1 3072 x 576 0.42 / 0.66 / 0.85 / 1.31 against 0.62 / 0.75 /
+# 0.84 / 0.96, Q8_0 49152 x 576 5.8 / 9.1 / 12.6 / 18.5 against 13.9 / 14.5 / 13.8 / 16.1. The crossover is past 24
+# rows there; the 256-bit loop (AVX2 CPUs) does twice the instructions a weight, so it stays at 16.
 GGUF_MAX_ROWS = 16
 _build_lock = threading.Lock()
 
