@@ -236,8 +236,9 @@ static inline int gguf_block_scales(int kind) { return kind == GGUF_Q8_0 ? 1 : 2
 
 /* x_sums [rows][k / 32]: each block's sum of activations (Q4_1's min term). Inlined with `rows` a constant
  * (gguf_rows): the totals then stay in registers (a variable count kept them in memory, 2.5x slower). */
-static inline __attribute__((always_inline)) void gguf_rows_of(int kind, const uint8_t *w, const float *scales, const float *x, const float *x_sums, float *y,
-                      int rows, int ldy, int k) {
+static inline __attribute__((always_inline)) void gguf_rows_of(
+        int kind, const uint8_t *w, const float *scales, const float *x, const float *x_sums, float *y, int rows,
+        int ldy, int k) {
     int blocks = k / 32, bytes = gguf_block_bytes(kind), per = gguf_block_scales(kind);
     __m256 acc[GGUF_W][GGUF_X];
     float mins[GGUF_W][GGUF_X] = {{0}};
@@ -283,8 +284,9 @@ GGUF_AVX512 static inline void gguf_widen16(int kind, const uint8_t *codes, __m5
     v[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), values);  /* columns 16..31 */
 }
 
-GGUF_AVX512 static inline __attribute__((always_inline)) void gguf_rows_avx512_of(int kind, const uint8_t *w, const float *scales, const float *x,
-                                         const float *x_sums, float *y, int rows, int ldy, int k) {
+GGUF_AVX512 static inline __attribute__((always_inline)) void gguf_rows_avx512_of(
+        int kind, const uint8_t *w, const float *scales, const float *x, const float *x_sums, float *y, int rows,
+        int ldy, int k) {
     int blocks = k / 32, bytes = gguf_block_bytes(kind), per = gguf_block_scales(kind);
     __m512 acc[GGUF_W][GGUF_X];
     float mins[GGUF_W][GGUF_X] = {{0}};
@@ -350,7 +352,8 @@ int gguf_matmul(int kind, const float *x, const uint8_t *w, const float *scales,
         for (int m = 0; m < rows; m += GGUF_X) {
             int pass = rows - m < GGUF_X ? rows - m : GGUF_X;
             const uint8_t *wj = w + (size_t)j * row_bytes;
-            const float *sj = scales + (size_t)j * row_scales, *xm = x + (size_t)m * k, *sums = x_sums + (size_t)m * blocks;
+            const float *sj = scales + (size_t)j * row_scales, *xm = x + (size_t)m * k;
+            const float *sums = x_sums + (size_t)m * blocks;
             float *yj = y + (size_t)m * n + j;
             if (wide) gguf_rows_avx512(kind, wj, sj, xm, sums, yj, pass, n, k);
             else gguf_rows(kind, wj, sj, xm, sums, yj, pass, n, k);
@@ -919,11 +922,11 @@ static inline __m256 exp_ps(__m256 x) {
 
 struct attn_item { int seq, group, start, stop; };
 
-/* Sequence i of `sequences` attends with row rows[i] of q, k and v: views [heads or groups][rows][d], element strides in
- * strides[0..5] (q's between heads and rows, then k's, then v's), d contiguous. Its cache: seqs[4i..4i+3] = (keys
- * address, values address, elements between key groups, length with the new position), positions d floats apart; the
- * new k and v rows are stored at its last position first. out [sequences][heads][d]. d a multiple of 8, heads / groups at most
- * ATTN_MAX_HEADS_PER_GROUP. 0, or -1 when out of memory. */
+/* Sequence i of `sequences` attends with row rows[i] of q, k and v: views [heads or groups][rows][d], element
+ * strides in strides[0..5] (q's between heads and rows, then k's, then v's), d contiguous. Its cache: seqs[4i..4i+3]
+ * = (keys address, values address, elements between key groups, length with the new position), positions d floats
+ * apart; the new k and v rows are stored at its last position first. out [sequences][heads][d]. d a multiple of 8,
+ * heads / groups at most ATTN_MAX_HEADS_PER_GROUP. 0, or -1 when out of memory. */
 int decode_attention(const float *q_rows, const float *k_rows, const float *v_rows, const int64_t *strides,
                      const int64_t *rows, const int64_t *seqs, int sequences, int heads, int groups, int d, float scale,
                      float *out) {
@@ -1045,7 +1048,8 @@ void rms_norm_scale(const float *x, const float *mean_square, const float *weigh
         __m256 r = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_sqrt_ps(_mm256_set1_ps(mean_square[m] + eps)));
         int j = 0;
         for (; j + 8 <= n; j += 8)
-            _mm256_storeu_ps(om + j, _mm256_mul_ps(_mm256_loadu_ps(weight + j), _mm256_mul_ps(_mm256_loadu_ps(xm + j), r)));
+            _mm256_storeu_ps(om + j, _mm256_mul_ps(_mm256_loadu_ps(weight + j),
+                                                   _mm256_mul_ps(_mm256_loadu_ps(xm + j), r)));
         float rs = _mm256_cvtss_f32(r);
         for (; j < n; j++) {
             volatile float scaled = xm[j] * rs;   /* two roundings, as torch: no contraction into an FMA */
@@ -1121,6 +1125,7 @@ int llama_decode_layers(float *x, const int64_t *layers, int num_layers, const f
                         const int64_t *plan, int rows, int hidden, int heads, int groups, int d, int ffn, float eps,
                         int wide) {
     int width = (heads + 2 * groups) * d;
+    float scale = (float)(1.0 / sqrt((double)d));   /* d ** -0.5 as native.decode_attention passes it */
     float *h = malloc(sizeof(float) * (size_t)rows * hidden), *qkv = malloc(sizeof(float) * (size_t)rows * width),
           *attn = malloc(sizeof(float) * (size_t)rows * heads * d), *y = malloc(sizeof(float) * (size_t)rows * hidden),
           *gate_up = malloc(sizeof(float) * (size_t)rows * 2 * ffn), *act = malloc(sizeof(float) * (size_t)rows * ffn);
@@ -1137,7 +1142,7 @@ int llama_decode_layers(float *x, const int64_t *layers, int num_layers, const f
         for (int m = 0; m < rows; m++)
             rotate_heads(qkv + (size_t)m * width, cos + (size_t)m * d, sin + (size_t)m * d, heads + groups, d);
         rc |= decode_attention(qkv, qkv + (size_t)heads * d, qkv + (size_t)(heads + groups) * d, strides, row_index,
-                               plan + (size_t)l * rows * 4, rows, heads, groups, d, (float)(1.0 / sqrt((double)d)), attn);
+                               plan + (size_t)l * rows * 4, rows, heads, groups, d, scale, attn);
         rc |= gguf_matmul((int)t[5], attn, P(6), P(7), y, rows, hidden, heads * d, wide);
         add_rows(x, y, (size_t)rows * hidden);
         rms_norm_rows(x, P(8), h, rows, hidden, eps);
