@@ -93,21 +93,23 @@ class Llama(ChatGLM):
 def layer_table(blocks: list[GLMBlock]) -> Tensor | None:
     """native.llama_decode_layers' table of these blocks: their tensors' addresses, int64 [layers x 15] in the order
     its comment gives; None unless every product is a GGUFLinear it takes (an even number of outputs, no bias but
-    qkv's), the norms fp32 and the library built."""
+    qkv's), the norms and that bias fp32, the heads as decode_attention takes them and the library built."""
     if native.library() is None:
         return None
     table = []
     for block in blocks:
         attention, mlp = block.self_attention, block.mlp
         qkv, dense, gate_up, down = attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
-        norms = [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+        norm_in, norm_post = block.input_layernorm.weight, block.post_attention_layernorm.weight
+        vectors = [norm_in, norm_post] + ([] if qkv.bias is None else [qkv.bias])
         if not all(isinstance(p, GGUFLinear) and p.out_features % 2 == 0 and p.qweight.device.type == "cpu"
                    for p in (qkv, dense, gate_up, down)) or any(p.bias is not None for p in (dense, gate_up, down)):
             return None
-        if any(n.dtype != torch.float32 for n in norms) or (qkv.bias is not None and qkv.bias.dtype != torch.float32):
+        if (any(v.dtype != torch.float32 or not v.is_contiguous() for v in vectors) or attention.head_dim % 8
+                or attention.num_heads // attention.kv_groups > native.ATTN_MAX_HEADS_PER_GROUP):
             return None
-        table += [norms[0].data_ptr(), *_fields(qkv), 0 if qkv.bias is None else qkv.bias.data_ptr(), *_fields(dense),
-                  norms[1].data_ptr(), *_fields(gate_up), *_fields(down)]
+        table += [norm_in.data_ptr(), *_fields(qkv), 0 if qkv.bias is None else qkv.bias.data_ptr(), *_fields(dense),
+                  norm_post.data_ptr(), *_fields(gate_up), *_fields(down)]
     return torch.tensor(table, dtype=torch.int64)
 
 
