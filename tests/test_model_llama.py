@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from glm_core import native
 from glm_core.batch import NativeBatcher
-from glm_core.model_llama import Llama, from_transformers
+from glm_core.model_llama import Llama, from_transformers, layer_table
 from glm_core.quant import GGUFLinear, keep_gguf_tables
 from conftest import needs_native_library
 
@@ -86,14 +86,9 @@ def on_q4_1_grid(weight: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(quants.quantize(weight.numpy(), kind), kind).copy())
 
 
-@needs_native_library
-@pytest.mark.parametrize("case", ["llama, tied, llama3 rope", "qwen2, q/k/v biases"])
-def test_decode_steps_of_gguf_weights_run_the_layers_in_one_native_call(case, monkeypatch):
-    """A model whose products are all GGUF block tensors (the embedded model in fp32) decodes through
-    native.llama_decode_layers, every layer in one call: the logits its blocks compute in torch, for two sequences of
-    other lengths stepped together, within fp32's rounding (the norms sum their squares in another order, SiLU's exp
-    is within 2 ulp). Prompts still run on the blocks."""
-    hf = random_model(SUPPORTED[case])
+def gguf_model(config) -> Llama:
+    """A random model of this config on the blocks, its products GGUF Q4_1 tensors as the embedded model's are."""
+    hf = random_model(config)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("proj.weight"):
@@ -102,6 +97,17 @@ def test_decode_steps_of_gguf_weights_run_the_layers_in_one_native_call(case, mo
     keep_gguf_tables(model)
     assert all(isinstance(getattr(block.mlp, name), GGUFLinear) for block in model.transformer.encoder.layers
                for name in ("dense_h_to_4h", "dense_4h_to_h"))
+    return model
+
+
+@needs_native_library
+@pytest.mark.parametrize("case", ["llama, tied, llama3 rope", "qwen2, q/k/v biases"])
+def test_decode_steps_of_gguf_weights_run_the_layers_in_one_native_call(case, monkeypatch):
+    """A model whose products are all GGUF block tensors (the embedded model in fp32) decodes through
+    native.llama_decode_layers, every layer in one call: the logits its blocks compute in torch, for two sequences of
+    other lengths stepped together, within fp32's rounding (the norms sum their squares in another order, SiLU's exp
+    is within 2 ulp). Prompts still run on the blocks."""
+    model = gguf_model(SUPPORTED[case])
     calls = []
     decode_layers = native.llama_decode_layers
     monkeypatch.setattr(native, "llama_decode_layers", lambda x, *args: calls.append(len(x)) or decode_layers(x, *args))
@@ -124,3 +130,18 @@ def test_decode_steps_of_gguf_weights_run_the_layers_in_one_native_call(case, mo
     reference = steps()
     assert calls == [2] * 6
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
+
+
+@needs_native_library
+def test_heads_the_native_attention_does_not_take_keep_the_blocks_in_torch():
+    """Heads of 4 dims (decode_attention takes multiples of 8): no table, decode steps on the blocks in torch, which
+    compute what transformers computes."""
+    config = LlamaConfig(**{**SHAPE, "num_attention_heads": 16, "num_key_value_heads": 4})
+    model = gguf_model(config)
+    assert model.transformer.encoder.layers[0].self_attention.head_dim == 4
+    assert layer_table(model.transformer.encoder.layers) is None
+    batcher = NativeBatcher(model)
+    seq = batcher.open(IDS[:12])
+    steps = [batcher.step(seq, [])[seq]] + [batcher.step(None, [(seq, token)])[seq] for token in IDS[12:]]
+    reference = model.logits(IDS)[11:]
+    torch.testing.assert_close(torch.stack(steps), reference, rtol=0, atol=1e-5 * reference.abs().max().item())
