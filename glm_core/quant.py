@@ -341,10 +341,11 @@ class Int8Embedding(nn.Module):
 
 
 class GGUFLinear(nn.Module):
-    """y = x @ W.T on CPU with W a GGUF block tensor kept as stored, which q8_0_tables / q4_1_tables recover exactly
-    from the fp32 weights transformers dequantizes a GGUF into: `kind` "q8_0" (int8 codes [out, in], one fp32 scale
-    per block of GGUF_BLOCK inputs [out, in / GGUF_BLOCK]) or "q4_1" (4-bit codes [out, in / GGUF_BLOCK, 16] in
-    GGUF's nibble order, (scale, min) pairs [out, in / GGUF_BLOCK, 2]). The embedded model in fp32 is such weights:
+    """y = x @ W.T on CPU with W a GGUF block tensor kept as stored, which q8_0_tables / q4_1_tables / q4_0_tables
+    recover exactly from the fp32 weights transformers dequantizes a GGUF into: `kind` "q8_0" (int8 codes [out, in],
+    one fp32 scale per block of GGUF_BLOCK inputs [out, in / GGUF_BLOCK]) or "q4_1" (4-bit codes [out, in /
+    GGUF_BLOCK, 16] in GGUF's nibble order, (scale, min) pairs [out, in / GGUF_BLOCK, 2]; Q4_0 too, its min -8 x
+    scale). The embedded model in fp32 is such weights:
     its Q4_1 layers and Q8_0 output layer take 112 MB so, 538 MB as fp32. Products in fp32 on glm_core.native's
     kernel up to native.GGUF_MAX_ROWS rows (one row against the 49152 x 576 Q8_0 output layer, streamed from memory,
     on a 2-core AMX Xeon: 1.8 ms against 4.3 for its fp32 weights); more rows (prompts) dequantize a chunk at a time
@@ -429,10 +430,32 @@ def q4_1_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
     return codes, scales
 
 
+def q4_0_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
+    """q4_1_tables' tables for a GGUF Q4_0 tensor, w = (code - 8) x fp16 scale: llama.cpp's quantizer gives each block's
+    largest-magnitude weight code 0, so the scale is that weight / -8, and the min -8 x scale. code x scale + min gives
+    the weight back exactly (both terms and their sum are multiples of the scale that fp32 holds). None unless every
+    block is (code - 8) x scale exactly."""
+    if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % GGUF_BLOCK:
+        return None
+    blocks_per_row = weight.shape[1] // GGUF_BLOCK
+    codes = torch.empty(weight.shape[0], blocks_per_row, GGUF_BLOCK // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(weight.shape[0], blocks_per_row, 2, dtype=torch.float32, device=weight.device)
+    for start, rows in _row_chunks(weight):
+        blocks = rows.unflatten(-1, (-1, GGUF_BLOCK))
+        scale = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
+        q = (blocks / scale.masked_fill(scale == 0, 1)).round().add_(8).clamp_(0, 15)
+        if not torch.equal((q - 8) * scale, blocks):
+            return None
+        q = q.to(torch.uint8)
+        codes[start:start + len(rows)] = q[..., :16] | q[..., 16:] << 4
+        scales[start:start + len(rows)] = torch.cat([scale, -8 * scale], dim=-1)
+    return codes, scales
+
+
 def keep_gguf_tables(model: nn.Module) -> int:
     """Replace each fp32 CPU weight that is exactly a GGUF block tensor by its codes and scales: an embedding table
-    (Q8_0: an Int8Embedding, and the output layer tied to it a GGUFLinear) and every other linear (Q8_0 or Q4_1: a
-    GGUFLinear). The same weights in a quarter (Q8_0) or a seventh (Q4_1) of the memory, products 2.4x faster (the
+    (Q8_0: an Int8Embedding, and the output layer tied to it a GGUFLinear) and every other linear (Q8_0, Q4_1 or Q4_0:
+    a GGUFLinear). The same weights in a quarter (Q8_0) or a seventh (Q4_1) of the memory, products 2.4x faster (the
     embedded model's output layer). Only where glm_core.native's kernels run: without them the fp32 weights are faster.
     Returns how many weights."""
     if native.library() is None:
@@ -457,10 +480,10 @@ def keep_gguf_tables(model: nn.Module) -> int:
                 if tied:
                     done[id(linear)] = tied[0].as_linear(None)
                 else:
-                    found = q8_0_tables(linear.weight)
-                    kind = "q8_0"
-                    if found is None:
-                        found, kind = q4_1_tables(linear.weight), "q4_1"
+                    found, kind = q8_0_tables(linear.weight), "q8_0"
+                    for recover in (q4_1_tables, q4_0_tables):   # Q4_0 kept as Q4_1 tables
+                        if found is None:
+                            found, kind = recover(linear.weight), "q4_1"
                     done[id(linear)] = None if found is None else GGUFLinear(kind, *found, linear.bias)
                     kept += found is not None
             if done[id(linear)] is not None:

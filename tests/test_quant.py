@@ -710,13 +710,13 @@ def test_quantize_model_replaces_in_place(precision, tolerance):
 
 
 def gguf_weight(kind: str, rows: int, columns: int, seed: int) -> torch.Tensor:
-    """A float weight as a GGUF Q8_0 or Q4_1 tensor holds it: quantized by gguf-py (llama.cpp's quantizers),
+    """A float weight as a GGUF Q8_0, Q4_1 or Q4_0 tensor holds it: quantized by gguf-py (llama.cpp's quantizers),
     dequantized as transformers does on load."""
     from gguf import GGMLQuantizationType, quants
     w = torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).numpy()
     w[1, :32] = 0   # a block of zeros: scale 0
     w[-1, 32:64] = 0.5   # a block of one value: Q4_1's scale 0, its min that value
-    kind = GGMLQuantizationType.Q8_0 if kind == "q8_0" else GGMLQuantizationType.Q4_1
+    kind = getattr(GGMLQuantizationType, kind.upper())
     return torch.from_numpy(quants.dequantize(quants.quantize(w, kind), kind).copy())
 
 
@@ -747,6 +747,31 @@ def test_gguf_tables_give_a_gguf_tensor_back_exactly_and_nothing_else(kind, monk
     assert TABLES[kind](w[:, :80]) is None                        # not whole blocks
     assert TABLES[kind](w.bfloat16()) is None                     # not the fp32 weights
     assert TABLES[kind](w / 3) is None                            # off the grid
+
+
+def test_q4_0_tensors_are_kept_as_q4_1_tables_exactly():
+    """A GGUF Q4_0 tensor ((code - 8) x fp16 scale) is the Q4_1 tables' code x scale + min with min -8 x scale, exactly,
+    so the Q4_1 products run it; weights off its grid are not taken for one."""
+    w = gguf_weight("q4_0", 40, 128, seed=4)
+    assert quant.q4_1_tables(w) is None and quant.q8_0_tables(w) is None
+    codes, scales = quant.q4_0_tables(w)
+    assert torch.equal(scales[..., 1], -8 * scales[..., 0])
+    assert torch.equal(quant.GGUFLinear("q4_1", codes, scales).dequantize(), w)
+    nudged = w.clone()
+    nudged[7, 50] = torch.nextafter(nudged[7, 50], torch.tensor(1e9))
+    for off_grid in (nudged, torch.randn(40, 128), w / 3, gguf_weight("q4_1", 40, 128, seed=4)):
+        assert quant.q4_0_tables(off_grid) is None
+
+
+@needs_native_library
+def test_keep_gguf_tables_keeps_a_q4_0_layer():
+    w = gguf_weight("q4_0", 40, 128, seed=5)
+    model = nn.Sequential(nn.Linear(128, 40))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    bias = model[0].bias.detach().clone()
+    assert quant.keep_gguf_tables(model) == 1 and model[0].kind == "q4_1"
+    assert torch.equal(model[0].dequantize(), w) and torch.equal(model[0].bias, bias)
 
 
 @needs_native_library
