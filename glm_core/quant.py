@@ -412,6 +412,26 @@ def q4_1_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
     quantizer gives each block's smallest weight code 0 and its largest 15, its fp16 min is the smallest weight and
     its fp16 scale the nearest to (largest - smallest) / 15; code x scale is exact in fp32 and the min's add rounds
     once. None when the weight is not such a tensor."""
+    def grid(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        low = blocks.amin(-1, keepdim=True)
+        return ((blocks.amax(-1, keepdim=True) - low) / 15).half().float(), low
+    return _four_bit_tables(weight, grid)
+
+
+def q4_0_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
+    """q4_1_tables' tables for a GGUF Q4_0 tensor, w = (code - 8) x fp16 scale: llama.cpp's quantizer gives each block's
+    largest-magnitude weight code 0, so the scale is that weight / -8, and the min -8 x scale. code x scale + min gives
+    the weight back exactly (both terms and their sum are multiples of the scale that fp32 holds). None when the
+    weight is not such a tensor."""
+    def grid(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        scale = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
+        return scale, -8 * scale
+    return _four_bit_tables(weight, grid)
+
+
+def _four_bit_tables(weight: Tensor, grid) -> tuple[Tensor, Tensor] | None:
+    """q4_1_tables' tables of a weight each of whose blocks is code x scale + min exactly, codes 0..15, with (scale,
+    min) = grid(blocks) ([..., 1] each) for its blocks [..., GGUF_BLOCK]; None otherwise."""
     if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % GGUF_BLOCK:
         return None
     blocks_per_row = weight.shape[1] // GGUF_BLOCK
@@ -419,36 +439,13 @@ def q4_1_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
     scales = torch.empty(weight.shape[0], blocks_per_row, 2, dtype=torch.float32, device=weight.device)
     for start, rows in _row_chunks(weight):
         blocks = rows.unflatten(-1, (-1, GGUF_BLOCK))
-        low = blocks.amin(-1, keepdim=True)
-        scale = ((blocks.amax(-1, keepdim=True) - low) / 15).half().float()
+        scale, low = grid(blocks)
         q = ((blocks - low) / scale.masked_fill(scale == 0, 1)).round().clamp_(0, 15)
         if not torch.equal(q * scale + low, blocks):
             return None
         q = q.to(torch.uint8)
         codes[start:start + len(rows)] = q[..., :16] | q[..., 16:] << 4
         scales[start:start + len(rows)] = torch.cat([scale, low], dim=-1)
-    return codes, scales
-
-
-def q4_0_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:
-    """q4_1_tables' tables for a GGUF Q4_0 tensor, w = (code - 8) x fp16 scale: llama.cpp's quantizer gives each block's
-    largest-magnitude weight code 0, so the scale is that weight / -8, and the min -8 x scale. code x scale + min gives
-    the weight back exactly (both terms and their sum are multiples of the scale that fp32 holds). None unless every
-    block is (code - 8) x scale exactly."""
-    if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % GGUF_BLOCK:
-        return None
-    blocks_per_row = weight.shape[1] // GGUF_BLOCK
-    codes = torch.empty(weight.shape[0], blocks_per_row, GGUF_BLOCK // 2, dtype=torch.uint8, device=weight.device)
-    scales = torch.empty(weight.shape[0], blocks_per_row, 2, dtype=torch.float32, device=weight.device)
-    for start, rows in _row_chunks(weight):
-        blocks = rows.unflatten(-1, (-1, GGUF_BLOCK))
-        scale = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
-        q = (blocks / scale.masked_fill(scale == 0, 1)).round().add_(8).clamp_(0, 15)
-        if not torch.equal((q - 8) * scale, blocks):
-            return None
-        q = q.to(torch.uint8)
-        codes[start:start + len(rows)] = q[..., :16] | q[..., 16:] << 4
-        scales[start:start + len(rows)] = torch.cat([scale, -8 * scale], dim=-1)
     return codes, scales
 
 
