@@ -345,11 +345,10 @@ class GGUFLinear(nn.Module):
     recover exactly from the fp32 weights transformers dequantizes a GGUF into: `kind` "q8_0" (int8 codes [out, in],
     one fp32 scale per block of GGUF_BLOCK inputs [out, in / GGUF_BLOCK]) or "q4_1" (4-bit codes [out, in /
     GGUF_BLOCK, 16] in GGUF's nibble order, (scale, min) pairs [out, in / GGUF_BLOCK, 2]; Q4_0 too, its min -8 x
-    scale). The embedded model in fp32 is such weights:
-    its Q4_1 layers and Q8_0 output layer take 112 MB so, 538 MB as fp32. Products in fp32 on glm_core.native's
-    kernel up to native.GGUF_MAX_ROWS rows (one row against the 49152 x 576 Q8_0 output layer, streamed from memory,
-    on a 2-core AMX Xeon: 1.8 ms against 4.3 for its fp32 weights); more rows (prompts) dequantize a chunk at a time
-    for an fp32 GEMM."""
+    scale). The embedded model in fp32 is such weights: its Q4_1 layers and Q8_0 output layer take 112 MB so, 538 MB
+    as fp32. Products in fp32 on glm_core.native's kernel up to native.GGUF_MAX_ROWS rows (one row against the 49152 x
+    576 Q8_0 output layer, streamed from memory, on a 2-core AMX Xeon: 1.8 ms against 4.3 for its fp32 weights); more
+    rows (prompts) dequantize a chunk at a time for an fp32 GEMM."""
 
     def __init__(self, kind: str, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
         super().__init__()
