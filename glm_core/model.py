@@ -163,7 +163,7 @@ class SegmentAttention:
         self.decoding = [(index, row) for index, (row, (_, _, T)) in enumerate(zip(first_rows, spans))
                          if T == 1]   # (span index, its row) of the one-row segments
         self.planned = False
-        self.native_plan: Tensor | None = None   # native.decode_attention_plan of the decoding spans, when it takes them
+        self.native_plan: Tensor | None = None   # native.decode_attention_plan of the decoding spans, if it takes them
         self.native_rows: Tensor | None = None
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -391,9 +391,9 @@ def takes_decode_attention(q: Tensor, k: Tensor, v: Tensor, caches: list[Tensor]
 
 
 def decode_attention_plan(caches: list[Tensor], lengths: list[int]) -> Tensor:
-    """What decode_attention needs of these KVCache tensors (positions reserved) in every layer of a step: int64 [layers,
-    sequences, 4], (keys address, values address, elements between key groups, length), the lengths counting the new
-    position."""
+    """What decode_attention needs of these KVCache tensors (positions reserved) in every layer of a step: int64
+    [layers, sequences, 4], (keys address, values address, elements between key groups, length), the lengths counting
+    the new position."""
     plan = torch.empty(caches[0].shape[0], len(caches), 4, dtype=torch.int64)
     for i, (t, length) in enumerate(zip(caches, lengths)):
         layers = torch.arange(t.shape[0], dtype=torch.int64) * (t.stride(0) * t.element_size())
@@ -422,8 +422,8 @@ LLAMA_LAYER_FIELDS = 15   # int64 entries a layer takes in llama_decode_layers' 
 
 def llama_decode_layers(x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, plan: Tensor, config) -> Tensor:
     """Every layer of a Llama-family model (config: its GLMConfig) for one decode row per sequence, x [rows, hidden]
-    fp32 in place: table of the layers' tensors' addresses (model_llama.layer_table), cos and sin [rows, head_dim] (fp32, contiguous), plan from
-    decode_attention_plan. Returns x."""
+    fp32 in place: table of the layers' tensors' addresses (model_llama.layer_table), cos and sin [rows, head_dim]
+    (fp32, contiguous), plan from decode_attention_plan. Returns x."""
     c = config
     return _checked(library().llama_decode_layers(
         x.data_ptr(), table.data_ptr(), c.num_layers, cos.data_ptr(), sin.data_ptr(), plan.data_ptr(), x.shape[0],
