@@ -124,12 +124,12 @@ class SelfAttention(nn.Module):
         return linear(self.dense, attend(qk[:H], qk[H:], qkv[:, H + G:].transpose(0, 1)))
 
 
-def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
+def attend_one(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     """One new token against cached keys/values [1, G, L, D]: the query heads of a group stacked as rows (no K/V
     copies per head); [1, heads * D]."""
     H, _, D = q.shape
     G = keys.shape[1]
-    o = F.scaled_dot_product_attention(q.reshape(1, G, H // G, D), keys, values, attn_mask=mask)
+    o = F.scaled_dot_product_attention(q.reshape(1, G, H // G, D), keys, values)
     return o.reshape(1, H * D)
 
 
@@ -355,14 +355,18 @@ class ChatGLM(SequenceVerbs):
         all_ids = [i for _, ids in segments for i in ids]
         positions = torch.cat([torch.arange(start, start + T) for _, start, T in spans]).to(self.device)
         x = self.transformer.embedding.word_embeddings(torch.tensor(all_ids, device=self.device)).to(self.dtype)
-        cos, sin = self.rope(positions)
+        x = self.layers(x, *self.rope(positions), spans)
+        for cache, ids in segments:
+            cache.ids += ids
+        return self.transformer.encoder.final_layernorm(x)
+
+    def layers(self, x: Tensor, cos: Tensor, sin: Tensor, spans: list[tuple[KVCache, int, int]]) -> Tensor:
+        """x [rows, hidden] through every layer, the spans' (cache, start, length) keys and values stored."""
         attention = SegmentAttention(spans)
         with attention_kernels(self.dtype):
             for i, layer in enumerate(self.transformer.encoder.layers):
                 x = layer(x, cos, sin, partial(attention, i))
-        for cache, ids in segments:
-            cache.ids += ids
-        return self.transformer.encoder.final_layernorm(x)
+        return x
 
     @torch.inference_mode()
     def decode_at(self, cache: KVCache, token: Tensor, position: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ whole step, with q/k/v and gate/up fused into one product each (3 and 2 weight r
 the KVCache and batching the ChatGLM models have (model.ChatGLM, batch.NativeBatcher), CUDA graphs included. On a
 2-core AMX Xeon the embedded model at int4 generated 59-61 tok/s through transformers and 74-77 on these blocks, the
 same build otherwise (BENCHMARKS.md). Where every product is a GGUF block tensor (the embedded model in fp32), a decode
-step runs all the layers in one native call (Llama.hidden, native.llama_decode_layers): 57 -> 166-171 tok/s there.
+step runs all the layers in one native call (Llama.layers, native.llama_decode_layers): 57 -> 166-171 tok/s there.
 
 `from_transformers(hf)` builds the model from a loaded transformers one, copying its weights layer by layer (the
 fused ones concatenated) and dropping each layer as it goes; None, with the reason logged, for a model these blocks
@@ -58,28 +58,21 @@ class Llama(ChatGLM):
         self.native_layers = None   # moved or cast: the table's addresses are the old tensors'
         return super()._apply(fn, *args, **kwargs)
 
-    def hidden(self, segments: list[tuple[KVCache, list[int]]]) -> Tensor:
-        """ChatGLM.hidden; a decode step (one id per sequence, up to native.GGUF_MAX_ROWS) of a model whose products are
-        all GGUF block tensors in fp32 (the embedded model's default) runs its layers in one native call
+    def layers(self, x: Tensor, cos: Tensor, sin: Tensor, spans: list[tuple[KVCache, int, int]]) -> Tensor:
+        """ChatGLM.layers; a decode step (one row per sequence, up to native.GGUF_MAX_ROWS) of a model whose products
+        are all GGUF block tensors in fp32 (the embedded model's default) runs them in one native call
         (native.llama_decode_layers)."""
         table = None
-        if all(len(ids) == 1 for _, ids in segments) and len(segments) <= native.GGUF_MAX_ROWS:
+        if all(T == 1 for _, _, T in spans) and len(spans) <= native.GGUF_MAX_ROWS:
             if self.native_layers is None:   # built once (600 us on the embedded model), dropped by _apply
                 self.native_layers = (layer_table(self.transformer.encoder.layers),)
             table = self.native_layers[0]
-        if table is None or not all(cache.dtype == torch.float32 for cache, _ in segments):
-            return super().hidden(segments)
-        for cache, _ in segments:
-            cache.reserve(len(cache.ids) + 1)
-        lengths = [len(cache.ids) + 1 for cache, _ in segments]
-        ids = torch.tensor([ids[0] for _, ids in segments])
-        x = self.transformer.embedding.word_embeddings(ids).to(self.dtype).contiguous()
-        cos, sin = (t[:, 0].contiguous() for t in self.rope(torch.tensor(lengths) - 1))
-        plan = native.decode_attention_plan([cache.tensor for cache, _ in segments], lengths)
-        native.llama_decode_layers(x, table, cos, sin, plan, self.config)
-        for cache, ids in segments:
-            cache.ids += ids
-        return self.transformer.encoder.final_layernorm(x)
+        if table is None or x.dtype != torch.float32 or any(cache.dtype != torch.float32 for cache, _, _ in spans):
+            return super().layers(x, cos, sin, spans)
+        plan = native.decode_attention_plan([cache.tensor for cache, _, _ in spans],
+                                            [start + 1 for _, start, _ in spans])
+        return native.llama_decode_layers(x.contiguous(), table, cos[:, 0].contiguous(), sin[:, 0].contiguous(), plan,
+                                          self.config)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """As transformers' rotary embedding: fp32 angles, cos and sin times the rope's attention scaling, rounded to

@@ -20,7 +20,7 @@ embedded model, 212-269 us a layer against 267-350 for torch's flash attention, 
 groups only. So does RMSNorm's scaling of fp32 rows (rms_norm_scale: torch's rounding, in one call for five ops).
 
 The layers of a Llama-family model whose products are all GGUF block tensors (the embedded model in fp32, its
-default) run a decode step in one call (llama_decode_layers, used by model_llama.Llama): the Python and torch calls
+default) run a decode step in one call (llama_decode_layers, used by model_llama.Llama.layers): the Python and torch calls
 between its products had taken as long as the products, and a step went from 12.3 to 5.1-6.1 ms (BENCHMARKS.md).
 
 Where torch takes its AVX-512 path its kernels run the products (they are not the bottleneck there), but a prompt's
@@ -415,9 +415,6 @@ def decode_attention(plan: Tensor, rows: Tensor, q: Tensor, k: Tensor, v: Tensor
     return _checked(library().decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), rows.data_ptr(), plan.data_ptr(), sequences,
         heads, groups, d, d ** -0.5, out.data_ptr()), out)
-
-
-LLAMA_LAYER_FIELDS = 15   # int64 entries a layer takes in llama_decode_layers' table
 
 
 def llama_decode_layers(x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, plan: Tensor, config) -> Tensor:

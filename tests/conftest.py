@@ -33,8 +33,9 @@ def _native_library_builds() -> bool:
     return native.wanted() and native.compiler_path() is not None
 
 
-# glm_core.native's kernel library (its AVX2 products, GGUF products, decode attention) builds on every CPU with AVX2
-# where a C compiler is found; the AVX2-path products also need torch on that path (test_quant's needs_native).
+# glm_core.native's kernel library (its AVX2 products, GGUF products, decode attention, RMSNorm's scaling, the Llama
+# decode layers) builds on every CPU with AVX2 where a C compiler is found; the AVX2-path products also need torch on
+# that path (test_quant's needs_native).
 needs_native_library = pytest.mark.skipif(
     not _native_library_builds(), reason="glm_core.native's kernels build where the CPU has AVX2, with a C compiler")
 
