@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from ipaddress import ip_address
 
@@ -195,6 +196,36 @@ class StopStrings:
         return delta
 
 
+async def text_deltas(request, stops: StopStrings, disconnected) -> AsyncIterator[str]:
+    """The reply's pieces as the model wrote them, a delta each (stop strings applied), until it ends; the reply
+    is cancelled if the client goes (`disconnected()` says so) or a stop string ends it."""
+    sent, written = 0, ""
+    try:
+        while True:
+            if await disconnected():
+                request.cancel()
+                return
+            done = request.done   # read before the pieces: once done, every piece is there
+            new = request.pieces[sent:]
+            sent += len(new)
+            for piece in new:
+                written += piece
+                if delta := stops.release(written, final=False):
+                    yield delta
+                if stops.hit:
+                    request.cancel()
+                    return
+            if done:
+                if delta := stops.release(written, final=True):   # a tail held back for a stop string
+                    yield delta
+                return
+            if not new:
+                await asyncio.sleep(POLL_S)
+    finally:
+        if not request.done and not stops.hit:
+            request.cancel()   # the client went away (the response was cancelled)
+
+
 def finish_reason(request, stops: StopStrings) -> str:
     if stops.hit or request.finish_reason == "stop":
         return "stop"
@@ -263,34 +294,10 @@ async def chat_route(http: HttpRequest):
             body = {**body, "choices": [], "usage": usage(request)}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    async def until_done():
-        """Yield text deltas (stop strings applied) until the reply ends; cancel it if the client goes."""
-        seen = -1
-        try:
-            while True:
-                if await http.is_disconnected():
-                    request.cancel()
-                    return
-                done = request.done
-                if request.version != seen:
-                    seen = request.version
-                    delta = stops.release(request.text, final=done)
-                    if delta:
-                        yield delta
-                    if stops.hit:
-                        request.cancel()
-                        return
-                if done:
-                    return
-                await asyncio.sleep(POLL_S)
-        finally:
-            if not request.done and not stops.hit:
-                request.cancel()   # the client went away (the response was cancelled)
-
     if asked.stream:
         async def events():
             yield chunk({"role": "assistant", "content": ""})
-            async for delta in until_done():
+            async for delta in text_deltas(request, stops, http.is_disconnected):
                 yield chunk({"content": delta})
             if request.error and not stops.hit:
                 body = {"error": {"message": request.error, "type": "server_error", "param": None, "code": None}}
@@ -302,7 +309,7 @@ async def chat_route(http: HttpRequest):
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    text = "".join([delta async for delta in until_done()])
+    text = "".join([delta async for delta in text_deltas(request, stops, http.is_disconnected)])
     if request.error and not stops.hit:
         return ApiError(500, request.error, "server_error").response()
     if not request.done and not stops.hit:   # the client disconnected

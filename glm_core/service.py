@@ -77,6 +77,7 @@ class Request:
         self.finish_reason = ""
         self.error = ""
         self.text = ""
+        self.pieces: list[str] = []   # the text as written: a piece per token (per chunk from a remote server)
         self.model = ""               # name (precision) of the model that wrote it
         self.engine_name = self.precision = ""
         self.clean: Callable[[str], str] = lambda text: text   # the model's clean-up of a finished reply
@@ -111,18 +112,17 @@ class Request:
             return self.version
 
     def deltas(self, timeout: float | None = None) -> Iterator[str]:
-        """The text as it grows, a new piece at a time, until the reply is done; TimeoutError when nothing changed
-        for `timeout` seconds."""
+        """The text's pieces as they were written, one at a time however late the reader comes, until the reply is
+        done; TimeoutError when nothing changed for `timeout` seconds."""
         sent, seen = 0, -1
         while True:
             version = self.wait(seen, timeout)
             done = self.done
             if version == seen and not done:
                 raise TimeoutError(f"no change in {timeout} s")
-            seen, text = version, self.text
-            if len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
+            seen, new = version, self.pieces[sent:]
+            sent += len(new)
+            yield from new
             if done:
                 return
 
@@ -134,7 +134,9 @@ class Request:
 
     def _update(self, delta: str = "", status: str | None = None) -> None:
         with self._changed:
-            self.text += delta
+            if delta:
+                self.text += delta
+                self.pieces.append(delta)
             if status is not None:
                 self.status = status
             self.version += 1

@@ -1,5 +1,6 @@
 """The OpenAI-compatible API as its users call it: the official `openai` client against a real server (the API is a
 route of the Streamlit server), beside a browser visitor; and GLM Studio as the client of another server's API."""
+import asyncio
 import json
 import os
 import socket
@@ -15,9 +16,12 @@ import openai
 import pytest
 from playwright.sync_api import expect
 
+from app import api
 from conftest import ROOT
 from e2e import ARTIFACTS, OPERATOR_SECRET, browser, free_port, streamlit_server
+from glm_core import GenerationParams
 from test_e2e_app import LONG, last_reply, open_page, send, short_replies
+from test_service import serving
 
 KEY = "test-key-1"
 MODEL = "smollm2-135m-instruct"
@@ -74,11 +78,36 @@ def test_a_reply_streamed_one_delta_at_a_time(client):
                 deltas.append(choice.delta.content)
             if choice.finish_reason:
                 reasons.append(choice.finish_reason)
-    assert len(deltas) >= 3 and "Paris" in "".join(deltas)
+    assert "Paris" in "".join(deltas)
+    assert len(deltas) >= usage.completion_tokens - 1   # a chunk a token, however fast the model writes
     assert reasons == [reasons[0]] and reasons[0] in ("stop", "length")
     assert usage is not None and usage.completion_tokens > 0
     whole = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24)
     assert whole.choices[0].message.content == "".join(deltas)   # greedy: the same reply either way
+
+
+def test_a_stream_sends_each_piece_once_written_and_cuts_at_a_stop_string(embedded_engine):
+    """The reply has ended before the stream looks (a fast model, a slow poll): still a delta a piece, and a stop
+    string cuts the text even when it spans pieces."""
+    service = serving(embedded_engine)
+    try:
+        request = service.submit([{"role": "user", "content": "Count from one to ten in words."}],
+                                 GenerationParams(max_new_tokens=24, do_sample=False)).result(timeout=120)
+    finally:
+        service.close()
+
+    async def connected():
+        return False
+
+    def streamed(stops):
+        async def collect():
+            return [delta async for delta in api.text_deltas(request, api.StopStrings(stops), connected)]
+        return asyncio.run(collect())
+
+    assert streamed([]) == request.pieces and len(request.pieces) >= request.stats.new_tokens - 1 >= 3
+    stop = request.text[len(request.pieces[0]) - 1:len(request.pieces[0]) + 2]   # across the first two pieces
+    cut = streamed([stop])
+    assert "".join(cut) == request.text[:request.text.index(stop)] and len(cut) <= 2
 
 
 def test_stop_strings_seed_and_top_p(client):
@@ -155,7 +184,7 @@ def test_a_full_server_says_overloaded_and_clients_that_go_away_free_their_place
         wait_for_the_model(url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
         running = client.chat.completions.create(model=MODEL, messages=story, max_tokens=2000, stream=True)
-        next(iter(running))
+        next(chunk for chunk in running if chunk.choices and chunk.choices[0].delta.content)   # in the batch now
         waiting = client.chat.completions.create(model=MODEL, messages=story, max_tokens=2000, stream=True)
         with pytest.raises(openai.APIStatusError) as e:
             client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8)

@@ -108,6 +108,21 @@ def test_cancel_ends_the_reply_within_one_token_and_keeps_the_text(embedded_engi
         service.close()
 
 
+def test_a_reply_read_after_it_ended_still_comes_a_piece_a_token(embedded_engine):
+    """Readers (the API's stream, the terminal chat) get the pieces as the model wrote them, however late they
+    look: a fast model must not turn a stream into one lump."""
+    service = serving(embedded_engine)
+    try:
+        request = service.submit([{"role": "user", "content": "Name three colours."}],
+                                 GenerationParams(max_new_tokens=16, do_sample=False))
+        request.result(timeout=120)
+        deltas = list(request.deltas())
+        assert "".join(deltas) == request.text and request.text.strip()
+        assert len(deltas) >= request.stats.new_tokens - 1   # every token but an end token wrote text
+    finally:
+        service.close()
+
+
 def test_queue_places_and_cancelling_a_waiting_request():
     engine = glm_core.load(str(FIXTURES / "v2"), precision="fp32")
     service = serving(engine, max_batch=1)
