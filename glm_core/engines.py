@@ -18,7 +18,7 @@ import torch
 
 from .batch import NativeBatcher, PaddedBatcher
 from .generate import GenerationParams, PromptTooLongError, ReplyStats, TextStream, generate
-from .quant import storage_key
+from .quant import keep_gguf_tables, quantize_model, route_linears, storage_key
 from .registry import cache_root
 
 Progress = Callable[[int, int, str], None]
@@ -259,14 +259,15 @@ def load_transformers(name: str, precision: str = "bf16", device: str = "cpu",
     native = from_transformers(hf) if native_blocks else None
     model = native if native is not None else hf
     output_layer = "transformer.output_layer" if native is not None else "lm_head"
+    if "gguf_file" in extra and not exact:
+        # The GGUF's weights, dequantized to fp32 on load, back to their own codes; at int8 / int4 those of at most
+        # that many bits too: quantizing them again would only re-round them (the embedded model's Q4_1 layers at
+        # torch's int4: top-1 97 %, and half the speed of its codes).
+        keep_gguf_tables(model, most_bits=4 if precision == "int4" else 8)
     if precision in ("int8", "int4"):
-        from .quant import quantize_model
-        # Groups of 32, as the GGUF blocks the embedded model comes from: coarser groups re-round it (top-1 67% vs 97%).
+        # Groups of 32, as GGUF blocks: coarser groups re-round the embedded model (top-1 67% vs 97%, exact=True).
         quantize_model(model, precision, group_size=32, skip=lambda n: n == output_layer, exact=exact)
     if not exact:
-        from .quant import keep_gguf_tables, route_linears
-        if "gguf_file" in extra:
-            keep_gguf_tables(model)   # the GGUF's weights, dequantized to fp32 on load, back to their own size
         route_linears(model)
     if progress:
         progress(2, 2, "ready")

@@ -179,7 +179,7 @@ def library() -> ctypes.CDLL | None:
     lib.int4_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 6
     lib.int8_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 4
     lib.gguf_matmul.argtypes = [ctypes.c_int] + [pointer] * 4 + [ctypes.c_int] * 4
-    lib.gguf_dequantize.argtypes = [ctypes.c_int] + [pointer] * 3 + [ctypes.c_int] * 3
+    lib.gguf_dequantize.argtypes = [ctypes.c_int] + [pointer] * 3 + [ctypes.c_int] * 4
     lib.decode_attention.argtypes = [pointer] * 6 + [ctypes.c_int] * 4 + [ctypes.c_float, pointer]
     lib.rms_norm_scale.argtypes = [pointer] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.llama_decode_layers.argtypes = ([pointer, pointer, ctypes.c_int] + [pointer] * 3 + [ctypes.c_int] * 6
@@ -371,11 +371,14 @@ def dequantizes_gguf(module) -> bool:
 
 
 def gguf_dequantize(module, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-    """W[start:stop] of a GGUFLinear as fp32 [stop - start, in], in out's memory when given: exactly the weights."""
+    """W[start:stop] of a GGUFLinear as fp32 [stop - start, in], in out's memory when given: exactly the weights; in
+    bf16 (rounded to nearest even) when out is bf16."""
     rows, k = stop - start, module.in_features
     out = torch.empty(rows, k, dtype=torch.float32) if out is None else out[:rows * k].view(rows, k)
+    if out.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"gguf_dequantize writes fp32 or bf16, not {out.dtype}")
     library().gguf_dequantize(GGUF_KINDS[module.kind], module.qweight.data_ptr(), module.scales.data_ptr(),
-                              out.data_ptr(), start, stop, k)
+                              out.data_ptr(), start, stop, k, int(out.dtype == torch.bfloat16))
     return out
 
 

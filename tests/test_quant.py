@@ -775,6 +775,51 @@ def test_keep_gguf_tables_keeps_a_q4_0_layer():
 
 
 @needs_native_library
+def test_at_four_bits_a_q8_0_layer_is_left_to_int4_and_a_q4_1_layer_kept():
+    """What load_transformers does for a GGUF at int4: the 4-bit layers stay their codes, the 8-bit ones are quantized
+    to torch's int4 (at int8 both are kept)."""
+    weights = gguf_weight("q8_0", 32, 64, seed=6), gguf_weight("q4_1", 32, 64, seed=7)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(64, 32))
+    with torch.no_grad():
+        for layer, w in zip(model, weights):
+            layer.weight.copy_(w)
+    assert quant.keep_gguf_tables(model, most_bits=4) == 1
+    assert type(model[0]) is nn.Linear and isinstance(model[1], quant.GGUFLinear) and model[1].kind == "q4_1"
+    quant.quantize_model(model, "int4", group_size=32)
+    assert isinstance(model[0], quant.Int4Linear) and isinstance(model[1], quant.GGUFLinear)
+    assert torch.equal(model[1].dequantize(), weights[1])
+
+
+@needs_native_library
+@pytest.mark.parametrize("kind", TABLES)
+def test_a_kept_gguf_layer_at_int8_or_int4_reads_prompts_in_bf16_and_decodes_in_fp32(kind):
+    """quantize_model gives kept GGUF layers the quantized layers' activation dtype (bf16 on CPU) for prompts (a bf16
+    GEMM of the weights dequantized a chunk at a time, where the CPU has a native one); decode rows stay on the exact
+    fp32 kernel. Not with exact, nor for a layer skipped (the output layer)."""
+    w = gguf_weight(kind, 300, 128, seed=8)
+    model = nn.Sequential(quant.GGUFLinear(kind, *TABLES[kind](w)), quant.GGUFLinear(kind, *TABLES[kind](w)))
+    exact = nn.Sequential(quant.GGUFLinear(kind, *TABLES[kind](w)))
+    quant.quantize_model(model, "int4", skip=lambda name: name == "1")
+    quant.quantize_model(exact, "int4", exact=True)
+    assert model[0].prompt_dtype == torch.bfloat16
+    assert model[1].prompt_dtype == exact[0].prompt_dtype == torch.float32
+    rounded_weights = model[0].dequantize(scratch=torch.empty(w.numel(), dtype=torch.bfloat16))
+    assert torch.equal(rounded_weights, w.bfloat16())   # the C dequantization rounds as torch does: nearest even
+    x = torch.randn(native.GGUF_MAX_ROWS + 24, 128, generator=torch.Generator().manual_seed(9))
+    fp32 = exact[0](x)
+    assert torch.equal(model[1](x), fp32)
+    decode = x[:native.GGUF_MAX_ROWS]
+    assert torch.equal(model[0](decode), exact[0](decode))   # decode rows: fp32's kernel
+    got = model[0](x).double()
+    if quant.slow_half_gemm(torch.bfloat16):
+        assert torch.equal(got, fp32.double())
+    else:
+        rounded = x.bfloat16().double()
+        assert ((got - rounded @ w.double().t()).abs() <= error_bound(rounded, w.double(), torch.bfloat16)).all()
+        assert not torch.equal(got, fp32.double())
+
+
+@needs_native_library
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, native.GGUF_MAX_ROWS, native.GGUF_MAX_ROWS + 1, 40])
 @pytest.mark.parametrize("out_features, in_features", [(2, 32), (38, 96), (300, 576)])
 @pytest.mark.parametrize("kind", TABLES)

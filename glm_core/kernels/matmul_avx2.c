@@ -362,9 +362,12 @@ int gguf_matmul(int kind, const float *x, const uint8_t *w, const float *scales,
     return 0;
 }
 
+static inline __m128i f32_to_bf16(__m256 v);
+
 /* Rows start..stop-1 of a GGUF block tensor as fp32 [stop - start][k]: exactly the weights (scale x code [+ min],
- * one rounding, as GGUF's own dequantization). */
-void gguf_dequantize(int kind, const uint8_t *w, const float *scales, float *out, int start, int stop, int k) {
+ * one rounding, as GGUF's own dequantization); with bf16 set, as bf16, those weights rounded to nearest even (a
+ * prompt's bf16 GEMM at int8 / int4). */
+void gguf_dequantize(int kind, const uint8_t *w, const float *scales, void *out, int start, int stop, int k, int bf16) {
     int blocks = k / 32, bytes = gguf_block_bytes(kind), per = gguf_block_scales(kind);
 #pragma omp parallel for schedule(static)
     for (int j = start; j < stop; j++)
@@ -374,9 +377,14 @@ void gguf_dequantize(int kind, const uint8_t *w, const float *scales, float *out
             __m256 v[4];
             gguf_widen(kind, at, v);
             __m256 scale = _mm256_set1_ps(s[0]), low = _mm256_set1_ps(per == 2 ? s[1] : 0.f);
-            float *o = out + (size_t)(j - start) * k + 32 * b;
-            for (int i = 0; i < 4; i++)   /* mul then add (no FMA): scale x code is exact, the add rounds once */
-                _mm256_storeu_ps(o + 8 * i, _mm256_add_ps(_mm256_mul_ps(scale, v[i]), low));
+            size_t at_out = (size_t)(j - start) * k + 32 * b;
+            for (int i = 0; i < 4; i++) {   /* mul then add (no FMA): scale x code is exact, the add rounds once */
+                __m256 x = _mm256_add_ps(_mm256_mul_ps(scale, v[i]), low);
+                if (bf16)
+                    _mm_storeu_si128((__m128i *)((uint16_t *)out + at_out + 8 * i), f32_to_bf16(x));
+                else
+                    _mm256_storeu_ps((float *)out + at_out + 8 * i, x);
+            }
         }
 }
 
