@@ -239,8 +239,9 @@ def test_int8_and_int4_keep_the_embedded_models_gguf_codes_as_stored(embedded_en
     from glm_core.registry import MODELS
     engine = load_transformers(glm_core.EMBEDDED, precision)
     assert engine.precision == precision and engine.weights_bytes == embedded_engine.weights_bytes
-    estimate = MODELS[glm_core.EMBEDDED].weights_gb(precision)   # what the Models page says it will take
-    assert estimate == MODELS[glm_core.EMBEDDED].weights_gb("fp32") == pytest.approx(engine.weights_bytes / 1e9, rel=0.03)
+    embedded = MODELS[glm_core.EMBEDDED]   # what the Models page says it will take
+    assert embedded.weights_gb(precision) == embedded.weights_gb("fp32") == pytest.approx(engine.weights_bytes / 1e9,
+                                                                                          rel=0.03)
     linears = [m for m in engine.model.modules() if isinstance(m, (torch.nn.Linear, quant.QuantizedLinear))]
     assert not linears
     kept = [m for m in engine.model.modules() if isinstance(m, quant.GGUFLinear)]
