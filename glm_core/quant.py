@@ -374,7 +374,7 @@ class GGUFLinear(nn.Module):
             packed = self.qweight[start:stop]
             codes = torch.cat([packed & 15, packed >> 4], dim=-1).float()   # low nibbles: columns 0-15 of the block
             w = (codes * scales[..., :1] + scales[..., 1:]).flatten(-2)
-        return w if scratch is None else w.to(scratch.dtype)
+        return w if scratch is None else scratch[:w.numel()].view_as(w).copy_(w)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
