@@ -156,15 +156,20 @@ def cpu_name() -> str:
 
 
 def memory_bandwidth_gbps() -> float:
-    """Read bandwidth with the threads torch uses: the best of a few sums over a tensor far beyond the caches (a
+    """Read bandwidth with the threads torch uses: the best of a few reads of a tensor far beyond the caches (a
     buffer near the last-level cache's size reads partly from the cache: 14.6-28.8 GB/s for 256 MiB against an
-    L3 of 260 MiB, where 2 GiB reads a steady 27.9)."""
+    L3 of 260 MiB, where 2 GiB reads a steady 27.9), each read as a sum and as a matrix-vector product. A sum is
+    one stream per thread, which one core cannot keep full: on a 2-core AMX Xeon it read 23.9-26.3 GB/s where
+    torch.mv (a few rows at a time) read 30-31 and a C loop over 8 streams with prefetch 32; decode kernels read 8
+    rows at once, so the sum alone put them above 100 % of it. MKL's mv is slow on AMD CPUs, where the sum wins."""
     x = torch.ones(BANDWIDTH_MIB * 2**20 // 4)
+    rows, ones = x.view(-1, 1 << 16), torch.ones(1 << 16)
     best = math.inf
-    for _ in range(7):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
+    for _ in range(5):
+        for read in (x.sum, lambda: torch.mv(rows, ones)):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
     return x.nbytes / best / 1e9
 
 

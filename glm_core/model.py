@@ -38,7 +38,8 @@ Segment = tuple[KVCache, list[int]]   # a sequence's cache and the ids to run af
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
     """layer(x), except for a half-precision nn.Linear given several rows on a CPU with slow half GEMMs: there
     the weight is upcast to fp32 a slice at a time. Products are exact in fp32 and sums are fp32 either way,
-    so only the rounding order differs. A bf16 weight on an AVX2 CPU takes native's products (any number of rows)."""
+    so only the rounding order differs. A bf16 weight takes native's products where native.takes_bf16 says so (on an
+    AVX2 CPU any number of rows, with AVX-512 bf16 decode rows)."""
     if isinstance(layer, nn.Linear) and native.takes_bf16(x, layer.weight):
         y = native.bf16_matmul(x, layer.weight)
         return (y if layer.bias is None else y + layer.bias).to(x.dtype)

@@ -23,7 +23,12 @@ The layers of a Llama-family model whose products are all GGUF block tensors (th
 default) run a decode step in one call (llama_decode_layers, used by model_llama.Llama.layers): the Python and torch calls
 between its products had taken as long as the products, and a step went from 12.3 to 5.1-6.1 ms (BENCHMARKS.md).
 
-Where torch takes its AVX-512 path its kernels run the products (they are not the bottleneck there), but a prompt's
+Where torch takes its AVX-512 path and the CPU has AVX-512 bf16, bf16 decode rows run bf16_decode: vdpbf16ps over
+eight weight rows at once, each prefetched. On a 2-core AMX Xeon, one row against weights streamed from memory, 27392 x
+4096 7.6 ms against 8.4 for oneDNN's packed product, 4096 x 13696 3.2 against 4.6 (29-34 GB/s against 24-26): the 6B
+model's bf16 decode 2.34-2.38 tok/s against 1.96-2.04 (BENCHMARKS.md).
+
+Elsewhere on that path torch's kernels run the products (they are not the bottleneck there), but a prompt's
 int4 and int8 products dequantize the weight a chunk at a time into bf16 for oneDNN's GEMM, and that runs here on
 every CPU with AVX2 (int4_dequantize_bf16, int8_dequantize_bf16): one pass where torch's elementwise ops take up to
 four. On a 2-core AMX Xeon, whose bf16 GEMM runs 512 rows against a 27392 x 4096 weight in 54 ms, int4 dequantizes
@@ -89,6 +94,7 @@ INT8_MAX_ROWS = 1
 INT8_TILED_MIN_ROWS = 9
 # bf16: decode kernel 16 rows 31.4 against the tiled 36.9, 24 rows 45.2 against 44.0, 32 rows 59.8 against 55.9
 BF16_TILED_MIN_ROWS = 24
+BF16_DECODE_MAX_ROWS = 4   # bf16_decode's rows (kernels/matmul_avx2.c's)
 # AMX against what runs below and the dequantize-then-GEMM path above, on a 2-core AMX Xeon, 27392 x 4096 and
 # 4096 x 13696 weights (ms). int8 against torch's kernel: 3 rows 4.9 / 2.3 against 4.8 / 2.2, 4 rows 5.2 / 2.4
 # against 5.8 / 2.6. 256 rows int4 34.7 / 24.1 against 51.6 / 26.2, 320 rows 57.6 / 29.0 against 57.8 / 28.6 (x no
@@ -175,6 +181,7 @@ def library() -> ctypes.CDLL | None:
     lib.int4_matmul_tiled.argtypes = lib.int4_matmul.argtypes
     lib.int4_matmul_int8_activations.argtypes = lib.int4_matmul.argtypes
     lib.bf16_matmul_tiled.argtypes = lib.bf16_matmul.argtypes
+    lib.bf16_decode.argtypes = lib.bf16_matmul.argtypes
     lib.int8_matmul_tiled.argtypes = lib.int8_matmul.argtypes
     lib.int4_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 6
     lib.int8_dequantize_bf16.argtypes = [pointer, pointer, pointer] + [ctypes.c_int] * 4
@@ -248,12 +255,14 @@ def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
 
 
 def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    """x [rows, in] bf16 @ weight.T -> fp32 [rows, out], weight bf16 [out, in] contiguous, out a multiple of 4 and in
-    of 16."""
+    """x [rows, in] bf16 @ weight.T -> fp32 [rows, out] where takes_bf16(x, weight)."""
     rows, in_features = x.shape
     x = x.contiguous()
     out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    product = library().bf16_matmul if rows < BF16_TILED_MIN_ROWS else library().bf16_matmul_tiled
+    if not runs_products():
+        product = library().bf16_decode
+    else:
+        product = library().bf16_matmul if rows < BF16_TILED_MIN_ROWS else library().bf16_matmul_tiled
     return _checked(product(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], in_features),
                     out)
 
@@ -447,10 +456,30 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def takes_bf16(x: Tensor, weight: Tensor) -> bool:
-    """Whether bf16_matmul can run x @ weight.T."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and not weight.is_mkldnn and weight.is_contiguous() and weight.shape[0] % 4 == 0
-            and weight.shape[1] % 16 == 0 and runs_products() and library() is not None)
+    """Whether bf16_matmul can run x @ weight.T: any rows on torch's AVX2 path, decode rows (up to
+    BF16_DECODE_MAX_ROWS) where decodes_bf16 takes the weight."""
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and not weight.is_mkldnn and weight.is_contiguous()):
+        return False
+    if runs_products():
+        return weight.shape[0] % 4 == 0 and weight.shape[1] % 16 == 0 and library() is not None
+    return x.shape[0] <= BF16_DECODE_MAX_ROWS and decodes_bf16(weight)
+
+
+@functools.cache
+def avx512_bf16() -> bool:
+    """Whether bf16_decode runs here: the CPU has AVX-512 bf16 and torch runs its AVX-512 path (held to AVX2 with
+    ATEN_CPU_CAPABILITY, the process stands for an AVX2 CPU: its products run instead)."""
+    return (wanted() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and torch.cpu._is_avx512_bf16_supported())
+
+
+def decodes_bf16(weight: Tensor) -> bool:
+    """Whether bf16_decode can multiply by this bf16 weight (plain, on CPU, out a multiple of 8 and in of 32), so that
+    quant.route_linears leaves it plain rather than packing it for oneDNN."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not weight.is_mkldnn
+            and weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] % 8 == 0 and weight.shape[1] % 32 == 0 and avx512_bf16()
+            and library() is not None)
 
 
 def dequantizes_int4(module, dtype: torch.dtype, stop: int) -> bool:

@@ -153,9 +153,26 @@ class OneDnnLinear(nn.Linear):
         self.pack(self.weight)
 
 
+class NativeBf16Linear(nn.Linear):
+    """A CPU bf16 nn.Linear left plain for native.bf16_decode, where the CPU has AVX-512 bf16: decode rows run there,
+    more rows through torch's product on the plain weight (oneDNN's, on AMX where the CPU has it). One row, weights
+    streamed from memory, on a 2-core AMX Xeon, ms: 27392 x 4096 7.6 against 8.4 for oneDNN's packed weight, 4096 x
+    13696 3.2 against 4.6, 4608 x 4096 1.2 against 1.6; 512 rows: 61 against 58, 32 against 33, 9.3 against 9.5
+    (BENCHMARKS.md). (glm_core.model.linear sends the native models' layers the same way.)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if not native.takes_bf16(rows, self.weight):
+            return super().forward(x)
+        y = native.bf16_matmul(rows, self.weight)
+        y = y if self.bias is None else y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
 def route_linears(model: nn.Module) -> int:
-    """Give the model's CPU linears oneDNN's packed weights where packs_for_onednn says so; returns how many. A
-    weight another module also uses (an embedding table tied to the output layer) stays as it is."""
+    """Give the model's CPU linears oneDNN's packed weights where packs_for_onednn says so, or leave bf16 ones plain
+    for native.bf16_decode where it takes them (NativeBf16Linear); returns how many. A weight another module also
+    uses (an embedding table tied to the output layer) stays as it is."""
     uses: dict[int, int] = {}
     for module in model.modules():
         for tensor in module._parameters.values():
@@ -164,11 +181,16 @@ def route_linears(model: nn.Module) -> int:
     routed = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if (type(module) is nn.Linear and weight.device.type == "cpu" and uses[id(weight)] == 1
-                and packs_for_onednn(weight.dtype)):
+        if not (type(module) is nn.Linear and weight.device.type == "cpu" and uses[id(weight)] == 1):
+            continue
+        if native.decodes_bf16(weight):
+            module.__class__ = NativeBf16Linear
+        elif packs_for_onednn(weight.dtype):
             module.__class__ = OneDnnLinear
             module.pack(weight)
-            routed += 1
+        else:
+            continue
+        routed += 1
     return routed
 
 

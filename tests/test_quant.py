@@ -441,6 +441,41 @@ def test_native_bf16_product_is_exact_products_summed_in_fp32(out_features, in_f
     assert torch.equal(linear(layer, x), (y.float() + layer.bias).bfloat16())   # the model's product is this one
 
 
+needs_avx512_bf16 = pytest.mark.skipif(
+    not native.avx512_bf16() or not native.compiler_path(),
+    reason="the bf16 decode product runs on CPUs with AVX-512 bf16 (Zen 4, Xeons from Cooper Lake on), torch on its "
+           "AVX-512 path, built by a C compiler")
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("out_features, in_features", [(8, 32), (48, 96), (264, 4128)])
+def test_bf16_decode_rows_are_exact_products_summed_in_fp32_and_more_rows_go_to_torch(out_features, in_features):
+    """On AVX-512 bf16 a bf16 linear's weight stays plain (not packed for oneDNN) where bf16_decode takes it: up to
+    BF16_DECODE_MAX_ROWS rows multiply there, each within fp32 accumulation's error of the exact product, as one row
+    or in a batch, through glm_core.model.linear and the module alike; more rows are torch's product."""
+    g = torch.Generator().manual_seed(out_features)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    xs = torch.randn(native.BF16_DECODE_MAX_ROWS + 1, in_features, generator=g).bfloat16()
+    layer = nn.Linear(in_features, out_features, dtype=torch.bfloat16)
+    layer.weight.data, layer.bias.data = w, torch.randn(out_features, generator=g).bfloat16()
+    assert quant.route_linears(layer) == 1 and type(layer) is quant.NativeBf16Linear
+    assert layer.weight.data_ptr() == w.data_ptr()
+    with torch.no_grad():
+        for rows in range(1, native.BF16_DECODE_MAX_ROWS + 1):
+            x = xs[:rows]
+            assert native.takes_bf16(x, w)
+            y = native.bf16_matmul(x, w).double()
+            ref = x.double() @ w.double().t()
+            assert ((y - ref).abs() <= error_bound(x.double(), w.double(), torch.float32)).all()
+            torch.testing.assert_close(y[:1], native.bf16_matmul(x[:1], w).double(), rtol=0, atol=0)
+            want = (y.float() + layer.bias).bfloat16()
+            assert torch.equal(linear(layer, x), want) and torch.equal(layer(x.unsqueeze(1)), want.unsqueeze(1))
+        assert not native.takes_bf16(xs, w)
+        assert torch.equal(layer(xs), nn.functional.linear(xs, w, layer.bias))
+    odd = nn.Linear(in_features, out_features + 4, dtype=torch.bfloat16)   # out not a multiple of 8: packed
+    assert quant.route_linears(odd) == 1 and type(odd) is quant.OneDnnLinear
+
+
 @needs_native
 @pytest.mark.parametrize("rows", [1, native.INT8_TILED_MIN_ROWS, 300])
 @pytest.mark.parametrize("out_features, in_features", [(4, 16), (36, 100), (200, 4104)])
