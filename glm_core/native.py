@@ -26,7 +26,8 @@ between its products had taken as long as the products, and a step went from 12.
 Where torch takes its AVX-512 path and the CPU has AVX-512 bf16, bf16 decode rows run bf16_decode: vdpbf16ps over
 eight weight rows at once, each prefetched. On a 2-core AMX Xeon, one row against weights streamed from memory, 27392 x
 4096 7.6 ms against 8.4 for oneDNN's packed product, 4096 x 13696 3.2 against 4.6 (29-34 GB/s against 24-26): the 6B
-model's bf16 decode 2.34-2.38 tok/s against 1.96-2.04 (BENCHMARKS.md).
+model's bf16 decode 2.24-2.34 tok/s against 1.81-1.98 (BENCHMARKS.md). Those weights stay plain, and on CPUs with AMX
+5 to AMX_MAX_ROWS_BF16 rows (short prompts, several visitors decoding) run the AMX product below on them.
 
 Elsewhere on that path torch's kernels run the products (they are not the bottleneck there), but a prompt's
 int4 and int8 products dequantize the weight a chunk at a time into bf16 for oneDNN's GEMM, and that runs here on
@@ -38,7 +39,8 @@ On CPUs with AMX (and torch on its AVX-512 path) int4 and int8 products of AMX_M
 AMX_MAX_ROWS rows run kernels/matmul_amx.c: 32 output columns at a time are dequantized a chunk of inner indices at
 a time into L1 and multiplied there by AMX's bf16 tile product, so neither a dequantized copy of the weight nor the
 GEMM's read of it goes through memory. On a 2-core AMX Xeon, 32 rows against a 27392 x 4096 weight: int4 9.0 ms
-against 28.2 for dequantizing into a GEMM, int8 7.6 against 26.6 (a bf16 GEMM on bf16 weights: 11.1). There, fewer
+against 28.2 for dequantizing into a GEMM, int8 7.6 against 26.6 (a bf16 GEMM on bf16 weights: 11.1; bf16 weights
+copied a chunk at a time by the same kernel: 10.6, and 15.4 against 17.0 at 64 rows). There, fewer
 int4 rows (decode; an official checkpoint's layers below the dense path) run int4_decode: the activations quantized
 per block of 32 and multiplied in exact integer sums, the codes prefetched into L2 (a plain read of the weights reads
 27 GB/s, int4_decode with fp32 arithmetic read 17-18). In the layers GLM Studio quantizes, to int8 as the AVX2 product
@@ -107,6 +109,10 @@ AMX_MIN_ROWS_INT4 = 20
 AMX_MIN_ROWS_INT4_OFFICIAL = 128
 AMX_MIN_ROWS_INT8 = 4
 AMX_MAX_ROWS = 256
+# bf16 (plain weights, NativeBf16Linear's): AMX from BF16_DECODE_MAX_ROWS + 1 rows to 64; oneDNN's product on the
+# plain weight beyond. 2-core AMX Xeon, ms, AMX against oneDNN at 8 / 32 / 64 / 128 rows: 27392 x 4096 9.6 / 10.6 /
+# 15.1 / 22.3 against 10.2 / 11.6 / 17.0 / 26.1, 4096 x 13696 4.6 / 5.3 / 9.3 / 15.4 against 5.2 / 6.3 / 9.9 / 12.1.
+AMX_MAX_ROWS_BF16 = 64
 # GGUF block tensors (fp32 activations): gguf_matmul (512-bit loop) against chunks dequantized into an fp32 GEMM,
 # 16 / 24 / 32 / 48 rows on a 2-core AMX Xeon (ms): Q4_1 3072 x 576 0.42 / 0.66 / 0.85 / 1.31 against 0.62 / 0.75 /
 # 0.84 / 0.96, Q8_0 49152 x 576 5.8 / 9.1 / 12.6 / 18.5 against 13.9 / 14.5 / 13.8 / 16.1. The crossover is past 24
@@ -216,6 +222,7 @@ def amx_library() -> ctypes.CDLL | None:
     pointer = ctypes.c_void_p
     lib.int4_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer] + [ctypes.c_int] * 3
     lib.int8_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer] + [ctypes.c_int] * 3
+    lib.bf16_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer] + [ctypes.c_int] * 2
     lib.int4_decode_int8_activations.argtypes = [pointer] * 4 + [ctypes.c_int] * 4
     lib.int4_decode_int16_activations.argtypes = lib.int4_decode_int8_activations.argtypes
     return lib
@@ -259,10 +266,13 @@ def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
     rows, in_features = x.shape
     x = x.contiguous()
     out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    if not runs_products():
+    if runs_products():
+        product = library().bf16_matmul if rows < BF16_TILED_MIN_ROWS else library().bf16_matmul_tiled
+    elif rows <= BF16_DECODE_MAX_ROWS:
         product = library().bf16_decode
     else:
-        product = library().bf16_matmul if rows < BF16_TILED_MIN_ROWS else library().bf16_matmul_tiled
+        return _checked(amx_library().bf16_matmul_amx(x.data_ptr(), rows, weight.data_ptr(), out.data_ptr(),
+                                                      weight.shape[0], in_features), out)
     return _checked(product(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], in_features),
                     out)
 
@@ -456,14 +466,17 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def takes_bf16(x: Tensor, weight: Tensor) -> bool:
-    """Whether bf16_matmul can run x @ weight.T: any rows on torch's AVX2 path, decode rows (up to
-    BF16_DECODE_MAX_ROWS) where decodes_bf16 takes the weight."""
+    """Whether bf16_matmul can run x @ weight.T: any rows on torch's AVX2 path; where decodes_bf16 takes the weight,
+    decode rows (up to BF16_DECODE_MAX_ROWS), and up to AMX_MAX_ROWS_BF16 on CPUs with AMX."""
     if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and not weight.is_mkldnn and weight.is_contiguous()):
         return False
     if runs_products():
         return weight.shape[0] % 4 == 0 and weight.shape[1] % 16 == 0 and library() is not None
-    return x.shape[0] <= BF16_DECODE_MAX_ROWS and decodes_bf16(weight)
+    if x.shape[0] <= BF16_DECODE_MAX_ROWS:
+        return decodes_bf16(weight)
+    return (x.shape[0] <= AMX_MAX_ROWS_BF16 and weight.shape[0] % 32 == 0 and decodes_bf16(weight)
+            and amx_library() is not None)
 
 
 @functools.cache

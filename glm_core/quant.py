@@ -154,11 +154,12 @@ class OneDnnLinear(nn.Linear):
 
 
 class NativeBf16Linear(nn.Linear):
-    """A CPU bf16 nn.Linear left plain for native.bf16_decode, where the CPU has AVX-512 bf16: decode rows run there,
-    more rows through torch's product on the plain weight (oneDNN's, on AMX where the CPU has it). One row, weights
-    streamed from memory, on a 2-core AMX Xeon, ms: 27392 x 4096 7.6 against 8.4 for oneDNN's packed weight, 4096 x
-    13696 3.2 against 4.6, 4608 x 4096 1.2 against 1.6; 512 rows: 61 against 58, 32 against 33, 9.3 against 9.5
-    (BENCHMARKS.md). (glm_core.model.linear sends the native models' layers the same way.)"""
+    """A CPU bf16 nn.Linear left plain for native.bf16_decode, where the CPU has AVX-512 bf16: decode rows run there
+    (and short prompts' in native's AMX product where the CPU has AMX: native.takes_bf16), more rows through torch's
+    product on the plain weight (oneDNN's). One row, weights streamed from memory, on a 2-core AMX Xeon, ms: 27392 x
+    4096 7.6 against 8.4 for oneDNN's packed weight, 4096 x 13696 3.2 against 4.6, 4608 x 4096 1.2 against 1.6; 512
+    rows, oneDNN on the plain weight against the packed one: 59-62 against 55-59, 29-32 against 30-33, 9.3-10.3
+    against 9.5-10.7 (BENCHMARKS.md). (glm_core.model.linear sends the native models' layers the same way.)"""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)

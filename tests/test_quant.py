@@ -448,30 +448,36 @@ needs_avx512_bf16 = pytest.mark.skipif(
 
 
 @needs_avx512_bf16
-@pytest.mark.parametrize("out_features, in_features", [(8, 32), (48, 96), (264, 4128)])
-def test_bf16_decode_rows_are_exact_products_summed_in_fp32_and_more_rows_go_to_torch(out_features, in_features):
+@pytest.mark.parametrize("out_features, in_features", [(8, 32), (64, 96), (264, 4128), (288, 4128)])
+def test_bf16_decode_and_short_prompt_rows_are_exact_products_summed_in_fp32_more_rows_go_to_torch(out_features,
+                                                                                              in_features):
     """On AVX-512 bf16 a bf16 linear's weight stays plain (not packed for oneDNN) where bf16_decode takes it: up to
-    BF16_DECODE_MAX_ROWS rows multiply there, each within fp32 accumulation's error of the exact product, as one row
-    or in a batch, through glm_core.model.linear and the module alike; more rows are torch's product."""
+    BF16_DECODE_MAX_ROWS rows multiply there (a row the same alone or in a batch), and with AMX up to
+    AMX_MAX_ROWS_BF16 rows in the AMX product (out a multiple of 32), each within fp32 accumulation's error of the exact
+    product, through glm_core.model.linear and the module alike; more rows are torch's product."""
     g = torch.Generator().manual_seed(out_features)
+    amx = native.amx_library() is not None and out_features % 32 == 0
+    most = native.AMX_MAX_ROWS_BF16 if amx else native.BF16_DECODE_MAX_ROWS
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
-    xs = torch.randn(native.BF16_DECODE_MAX_ROWS + 1, in_features, generator=g).bfloat16()
     layer = nn.Linear(in_features, out_features, dtype=torch.bfloat16)
     layer.weight.data, layer.bias.data = w, torch.randn(out_features, generator=g).bfloat16()
     assert quant.route_linears(layer) == 1 and type(layer) is quant.NativeBf16Linear
     assert layer.weight.data_ptr() == w.data_ptr()
     with torch.no_grad():
-        for rows in range(1, native.BF16_DECODE_MAX_ROWS + 1):
-            x = xs[:rows]
+        for rows in [*range(1, native.BF16_DECODE_MAX_ROWS + 2), 17, native.AMX_MAX_ROWS_BF16, most + 1]:
+            x = torch.randn(rows, in_features, generator=g).bfloat16()
+            if rows > most:
+                assert not native.takes_bf16(x, w)
+                assert torch.equal(layer(x), nn.functional.linear(x, w, layer.bias))
+                continue
             assert native.takes_bf16(x, w)
             y = native.bf16_matmul(x, w).double()
             ref = x.double() @ w.double().t()
             assert ((y - ref).abs() <= error_bound(x.double(), w.double(), torch.float32)).all()
-            torch.testing.assert_close(y[:1], native.bf16_matmul(x[:1], w).double(), rtol=0, atol=0)
+            if rows <= native.BF16_DECODE_MAX_ROWS:
+                torch.testing.assert_close(y[:1], native.bf16_matmul(x[:1], w).double(), rtol=0, atol=0)
             want = (y.float() + layer.bias).bfloat16()
             assert torch.equal(linear(layer, x), want) and torch.equal(layer(x.unsqueeze(1)), want.unsqueeze(1))
-        assert not native.takes_bf16(xs, w)
-        assert torch.equal(layer(xs), nn.functional.linear(xs, w, layer.bias))
     odd = nn.Linear(in_features, out_features + 4, dtype=torch.bfloat16)   # out not a multiple of 8: packed
     assert quant.route_linears(odd) == 1 and type(odd) is quant.OneDnnLinear
 

@@ -1,6 +1,6 @@
-/* int4 and int8 products on CPUs with AMX (see glm_core/native.py). The last two sections are int4's decode (a few
- * rows), in AVX-512 without AMX. The others: a prompt's rows, or a batch of decoding rows, multiply weights
- * dequantized to bf16 by AMX's bf16 tile product, with fp32 sums. Each thread takes 32 output columns at a time and
+/* int4, int8 and bf16 products on CPUs with AMX (see glm_core/native.py). The last two sections are int4's decode (a
+ * few rows), in AVX-512 without AMX. The others: a prompt's rows, or a batch of decoding rows, multiply weights
+ * dequantized to bf16 (bf16 ones copied) by AMX's bf16 tile product, with fp32 sums. Each thread takes 32 output columns at a time and
  * dequantizes them CHUNK inner indices at a time into a buffer that stays in L1, which every
  * block of 32 rows then multiplies: the weights are read once, and no dequantized copy goes through memory (or L2:
  * a whole dequantized panel there cost as much again as making it). The weights' values are exactly those of
@@ -10,8 +10,8 @@
  * Tiles: 4 sums of 16 x 16 fp32, 2 left operands of 16 rows x 32 bf16, 2 right operands of 16 pairs of rows
  * (AMX's "VNNI" layout: row j holds, for each of 16 columns, the pair (2j, 2j + 1) of the product's inner index).
  * int4 (stored a row of 64 columns per inner index) pairs two such rows into the right operand; x's rows are
- * the left one. int8 (stored a row per output column) is the left operand as it is, and x, paired once, the right
- * one: the sums are out.T's. */
+ * the left one. int8 and bf16 (stored a row per output column) are the left operand as they are, and x, paired once,
+ * the right one: the sums are out.T's. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,11 +43,14 @@ static void configure_tiles(void) {
 
 #define CHUNK 256   /* inner indices dequantized at a time: 2 x 16 columns x 256 bf16 = 16 KB */
 
-typedef struct {
-    const void *w;                /* int4: torch's AVX-512 layout; int8: [n][ldw] */
-    const uint16_t *scales;       /* int4: [k / group][n][2] (scale, zero); int8: [n] */
-    int n, k, group, ldw, int8;
-} weights;
+typedef struct weights weights;
+struct weights {
+    const void *w;                /* int4: torch's AVX-512 layout; int8 and bf16: [n][ldw] */
+    const uint16_t *scales;       /* int4: [k / group][n][2] (scale, zero); int8: [n]; bf16: none */
+    int n, k, group, ldw;
+    int row_major;                /* a row per output column (int8, bf16): the chunk is the left operand */
+    void (*chunk)(const weights *W, uint16_t *chunk, int p, int k0, int k1);   /* writes the chunk's tiles */
+};
 
 /* int4: columns [32 p, 32 p + 32) of W, inner indices [k0, k1), in torch's AVX-512 layout (blocks of 64 rows, each
  * [k][32] bytes, the low nibble of byte j row j, the high nibble row 32 + j) as two right operands
@@ -112,6 +115,21 @@ static void int8_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1)
     }
 }
 
+/* bf16: columns [32 p, 32 p + 32) of W bf16 [n][ldw], inner indices [k0, k1), as int8_chunk's left operands, copied
+ * (a tile read from W itself would take 16 rows 2 ldw bytes apart, which share an L1 set when ldw is a multiple of
+ * 2048, as x_tiles says) */
+static void bf16_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1) {
+    int rows = k1 - k0;
+    for (int c = 0; c < 32; c++) {
+        const uint16_t *src = (const uint16_t *)W->w + (size_t)(p * 32 + c) * W->ldw;
+        uint16_t *dst = chunk + (size_t)(c / 16) * rows * 16 + (c % 16) * 32;
+        for (int kk = k0; kk < k1; kk += 32) {
+            _mm_prefetch((const char *)(src + kk + CHUNK), _MM_HINT_T0);   /* this row's next chunk */
+            _mm512_storeu_si512(dst + (size_t)(kk - k0) * 16, _mm512_loadu_si512(src + kk));
+        }
+    }
+}
+
 /* out [m][n] fp32 = x W.T, xs being x as tiles (x_tiles, mp rows: a multiple of 16). Per block of 32 rows and per
  * chunk, tiles 4-5 are the left operands and 6-7 the right ones, and sum tile t = left t / 2 x right t % 2: for
  * int4 rows [16 (t / 2)] x columns [16 (t % 2)] of the block, for int8 (out.T's) columns [16 (t / 2)] x rows
@@ -130,15 +148,15 @@ static int product(const weights *W, const uint16_t *xs, int m, int mp, float *o
         configure_tiles();
         int resident = mp <= 32;
         /* sum tile t of the block of rows from r: where it goes in acc (rows of 32 floats, 128 bytes) */
-#define ROWS_OF(t) (W->int8 ? 16 * ((t) % 2) : 16 * ((t) / 2))
-#define COLUMNS_OF(t) (W->int8 ? 16 * ((t) / 2) : 16 * ((t) % 2))
+#define ROWS_OF(t) (W->row_major ? 16 * ((t) % 2) : 16 * ((t) / 2))
+#define COLUMNS_OF(t) (W->row_major ? 16 * ((t) / 2) : 16 * ((t) % 2))
 #define ACC(t) (acc + (size_t)(r + ROWS_OF(t)) * 32 + COLUMNS_OF(t))
 #pragma omp for schedule(static)
         for (int p = 0; p < n / 32; p++) {
             if (chunk == NULL || acc == NULL) continue;
             for (int k0 = 0; k0 < k; k0 += CHUNK) {
                 int k1 = k0 + CHUNK < k ? k0 + CHUNK : k, rows = k1 - k0;
-                (W->int8 ? int8_chunk : int4_chunk)(W, chunk, p, k0, k1);
+                W->chunk(W, chunk, p, k0, k1);
                 for (int r = 0; r < mp; r += 32) {
                     if (k0 == 0) {
                         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -149,18 +167,18 @@ static int product(const weights *W, const uint16_t *xs, int m, int mp, float *o
                     /* x's two tiles of 16 rows and the chunk's two tiles of 16 columns: each 1 KB a step */
                     const uint16_t *x0 = xs + ((size_t)r / 16 * (k / 32) + k0 / 32) * 512, *x1 = x0 + (size_t)k * 16;
                     const uint16_t *w0 = chunk, *w1 = chunk + (size_t)rows * 16;
-                    const uint16_t *left0 = W->int8 ? w0 : x0, *left1 = W->int8 ? w1 : x1;
-                    const uint16_t *right0 = W->int8 ? x0 : w0, *right1 = W->int8 ? x1 : w1;
+                    const uint16_t *left0 = W->row_major ? w0 : x0, *left1 = W->row_major ? w1 : x1;
+                    const uint16_t *right0 = W->row_major ? x0 : w0, *right1 = W->row_major ? x1 : w1;
                     int two = r + 16 < mp;   /* else x's second tile (int4's left1, int8's right1) is past its end */
                     for (int s = 0; s < rows; s += 32, left0 += 512, left1 += 512, right0 += 512, right1 += 512) {
                         _tile_loadd(4, left0, 64);
                         _tile_loadd(6, right0, 64);
                         _tile_dpbf16ps(0, 4, 6);
-                        if (two || W->int8) {
+                        if (two || W->row_major) {
                             _tile_loadd(5, left1, 64);
                             _tile_dpbf16ps(2, 5, 6);
                         }
-                        if (two || !W->int8) {
+                        if (two || !W->row_major) {
                             _tile_loadd(7, right1, 64);
                             _tile_dpbf16ps(1, 4, 7);
                         }
@@ -174,7 +192,7 @@ static int product(const weights *W, const uint16_t *xs, int m, int mp, float *o
             }
             for (int r = 0; r < m; r++)   /* int8's 16 x 16 blocks are out.T's: each read across */
                 for (int c = 0; c < 32; c++) {
-                    size_t at = W->int8 ? (size_t)(r / 16 * 16 + c % 16) * 32 + c / 16 * 16 + r % 16
+                    size_t at = W->row_major ? (size_t)(r / 16 * 16 + c % 16) * 32 + c / 16 * 16 + r % 16
                                         : (size_t)r * 32 + c;
                     out[(size_t)r * n + p * 32 + c] = acc[at];
                 }
@@ -211,7 +229,7 @@ static uint16_t *x_tiles(const uint16_t *x, int m, int mp, int k, int pairs) {
 
 static int product_of(const weights *W, const uint16_t *x, int m, float *out) {
     int mp = (m + 15) / 16 * 16;
-    uint16_t *tiles = x_tiles(x, m, mp, W->k, W->int8);
+    uint16_t *tiles = x_tiles(x, m, mp, W->k, W->row_major);
     if (tiles == NULL) return -1;
     int rc = product(W, tiles, m, mp, out);
     free(tiles);
@@ -222,7 +240,7 @@ static int product_of(const weights *W, const uint16_t *x, int m, float *out) {
  * [k / group][n][2]; n a multiple of 64, k of 32, group even. 0, or -1 when out of memory. */
 int int4_matmul_amx(const uint16_t *x, int m, const uint8_t *w, const uint16_t *scales_zeros, float *out, int n,
                     int k, int group) {
-    weights W = {w, scales_zeros, n, k, group, 0, 0};
+    weights W = {w, scales_zeros, n, k, group, 0, 0, int4_chunk};
     return product_of(&W, x, m, out);
 }
 
@@ -230,7 +248,13 @@ int int4_matmul_amx(const uint16_t *x, int m, const uint8_t *w, const uint16_t *
  * of 32. 0, or -1 when out of memory. */
 int int8_matmul_amx(const uint16_t *x, int m, const int8_t *w, const uint16_t *scales, float *out, int n, int k,
                     int ldw) {
-    weights W = {w, scales, n, k, 0, ldw, 1};
+    weights W = {w, scales, n, k, 0, ldw, 1, int8_chunk};
+    return product_of(&W, x, m, out);
+}
+
+/* x [m][k] bf16 @ W.T -> out [m][n] fp32, W bf16 [n][k]; n a multiple of 32, k of 32. 0, or -1 when out of memory. */
+int bf16_matmul_amx(const uint16_t *x, int m, const uint16_t *w, float *out, int n, int k) {
+    weights W = {w, NULL, n, k, 0, k, 1, bf16_chunk};
     return product_of(&W, x, m, out);
 }
 
