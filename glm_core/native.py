@@ -113,6 +113,7 @@ AMX_MAX_ROWS = 256
 # plain weight beyond. 2-core AMX Xeon, ms, AMX against oneDNN at 8 / 32 / 64 / 128 rows: 27392 x 4096 9.6 / 10.6 /
 # 15.1 / 22.3 against 10.2 / 11.6 / 17.0 / 26.1, 4096 x 13696 4.6 / 5.3 / 9.3 / 15.4 against 5.2 / 6.3 / 9.9 / 12.1.
 AMX_MAX_ROWS_BF16 = 64
+AMX_MAX_ROWS_GGUF = 256   # GGUF block tensors read in bf16 (kept at int8 / int4), from GGUF_MAX_ROWS + 1 rows
 # GGUF block tensors (fp32 activations): gguf_matmul (512-bit loop) against chunks dequantized into an fp32 GEMM,
 # 16 / 24 / 32 / 48 rows on a 2-core AMX Xeon (ms): Q4_1 3072 x 576 0.42 / 0.66 / 0.85 / 1.31 against 0.62 / 0.75 /
 # 0.84 / 0.96, Q8_0 49152 x 576 5.8 / 9.1 / 12.6 / 18.5 against 13.9 / 14.5 / 13.8 / 16.1. The crossover is past 24
@@ -223,6 +224,7 @@ def amx_library() -> ctypes.CDLL | None:
     lib.int4_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer] + [ctypes.c_int] * 3
     lib.int8_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer] + [ctypes.c_int] * 3
     lib.bf16_matmul_amx.argtypes = [pointer, ctypes.c_int, pointer, pointer] + [ctypes.c_int] * 2
+    lib.gguf_matmul_amx.argtypes = [ctypes.c_int, pointer, ctypes.c_int] + [pointer] * 3 + [ctypes.c_int] * 2
     lib.int4_decode_int8_activations.argtypes = [pointer] * 4 + [ctypes.c_int] * 4
     lib.int4_decode_int16_activations.argtypes = lib.int4_decode_int8_activations.argtypes
     return lib
@@ -384,6 +386,23 @@ def gguf_matmul(x: Tensor, module) -> Tensor:
                                           module.in_features, gguf_wide()), out)
 
 
+def takes_gguf_amx(x: Tensor, module) -> bool:
+    """Whether gguf_matmul_amx can run this GGUFLinear's product for x: bf16 (a layer kept at int8 / int4 reads
+    prompts in bf16), more than GGUF_MAX_ROWS rows and up to AMX_MAX_ROWS_GGUF, on CPUs with AMX."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and GGUF_MAX_ROWS < x.shape[0] <= AMX_MAX_ROWS_GGUF
+            and module.out_features % 32 == 0 and amx_library() is not None)
+
+
+def gguf_matmul_amx(x: Tensor, module) -> Tensor:
+    """x [rows, in] bf16 @ W.T -> fp32 [rows, out] for a GGUFLinear that takes_gguf_amx: the weights gguf_dequantize
+    writes in bf16, multiplied a chunk at a time in L1 (kernels/matmul_amx.c)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], module.out_features, dtype=torch.float32)
+    return _checked(amx_library().gguf_matmul_amx(GGUF_KINDS[module.kind], x.data_ptr(), x.shape[0],
+                                                  module.qweight.data_ptr(), module.scales.data_ptr(), out.data_ptr(),
+                                                  module.out_features, module.in_features), out)
+
+
 def dequantizes_gguf(module) -> bool:
     """Whether gguf_dequantize can read this GGUFLinear's weights (on CPU, where the C library builds)."""
     return module.qweight.device.type == "cpu" and library() is not None
@@ -491,8 +510,8 @@ def decodes_bf16(weight: Tensor) -> bool:
     """Whether bf16_decode can multiply by this bf16 weight (plain, on CPU, out a multiple of 8 and in of 32), so that
     quant.route_linears leaves it plain rather than packing it for oneDNN."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not weight.is_mkldnn
-            and weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] % 8 == 0 and weight.shape[1] % 32 == 0 and avx512_bf16()
-            and library() is not None)
+            and weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] % 8 == 0
+            and weight.shape[1] % 32 == 0 and avx512_bf16() and library() is not None)
 
 
 def dequantizes_int4(module, dtype: torch.dtype, stop: int) -> bool:

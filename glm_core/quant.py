@@ -373,7 +373,8 @@ class GGUFLinear(nn.Module):
     576 Q8_0 output layer, streamed from memory, on a 2-core AMX Xeon: 1.8 ms against 4.3 for its fp32 weights); more
     rows (prompts) dequantize a chunk at a time for an fp32 GEMM, or, with `prompt_dtype` bf16 (the layer kept at
     int8 / int4: quantize_model), a bf16 GEMM where the CPU has a native one (the embedded model's 512-token prompt
-    2.0-2.2x faster on a 2-core AMX Xeon; top-1 agreement with fp32 99.2 %)."""
+    2.0-2.2x faster on a 2-core AMX Xeon; top-1 agreement with fp32 99.2 %), or, on CPUs with AMX, native's AMX
+    product of the same bf16 weights dequantized a chunk at a time in L1 (native.takes_gguf_amx)."""
 
     def __init__(self, kind: str, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
         super().__init__()
@@ -401,21 +402,26 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if native.takes_gguf(x2, self):
-            y = native.gguf_matmul(x2, self)
-        else:
-            half = self.prompt_dtype == torch.bfloat16 and not slow_half_gemm(torch.bfloat16)
-            xs = x2.to(torch.bfloat16) if half else x2
-            y = torch.empty(x2.shape[0], self.out_features, dtype=xs.dtype, device=x.device)
-            step = max(1, DENSE_CHUNK_ELEMENTS // self.in_features)
-            scratch = torch.empty(min(step, self.out_features) * self.in_features, dtype=xs.dtype)   # reused: in cache
-            for start in range(0, self.out_features, step):
-                stop = min(start + step, self.out_features)
-                w = self.dequantize(start, stop, scratch)
-                y[:, start:stop] = xs.mm(w.t()) if half else matmul_fp32(x2, w)
+        y = native.gguf_matmul(x2, self) if native.takes_gguf(x2, self) else self._prompt_product(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _prompt_product(self, x2: Tensor) -> Tensor:
+        """x2 @ W.T for more rows than the decode kernel takes: in bf16 with prompt_dtype bf16 where the CPU has a
+        native bf16 GEMM (native's AMX product where it takes them), else chunks dequantized for fp32 GEMMs."""
+        half = self.prompt_dtype == torch.bfloat16 and not slow_half_gemm(torch.bfloat16)
+        xs = x2.to(torch.bfloat16) if half else x2
+        if native.takes_gguf_amx(xs, self):
+            return native.gguf_matmul_amx(xs, self)
+        y = torch.empty(x2.shape[0], self.out_features, dtype=xs.dtype, device=x2.device)
+        step = max(1, DENSE_CHUNK_ELEMENTS // self.in_features)
+        scratch = torch.empty(min(step, self.out_features) * self.in_features, dtype=xs.dtype)   # reused: in cache
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            w = self.dequantize(start, stop, scratch)
+            y[:, start:stop] = xs.mm(w.t()) if half else matmul_fp32(x2, w)
+        return y
 
 
 def q8_0_tables(weight: Tensor) -> tuple[Tensor, Tensor] | None:

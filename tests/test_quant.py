@@ -832,12 +832,14 @@ def test_at_four_bits_a_q8_0_layer_is_left_to_int4_and_a_q4_1_layer_kept():
 
 
 @needs_native_library
+@pytest.mark.parametrize("out_features", [300, 320])
 @pytest.mark.parametrize("kind", TABLES)
-def test_a_kept_gguf_layer_at_int8_or_int4_reads_prompts_in_bf16_and_decodes_in_fp32(kind):
+def test_a_kept_gguf_layer_at_int8_or_int4_reads_prompts_in_bf16_and_decodes_in_fp32(kind, out_features):
     """quantize_model gives kept GGUF layers the quantized layers' activation dtype (bf16 on CPU) for prompts (a bf16
-    GEMM of the weights dequantized a chunk at a time, where the CPU has a native one); decode rows stay on the exact
-    fp32 kernel. Not with exact, nor for a layer skipped (the output layer)."""
-    w = gguf_weight(kind, 300, 128, seed=8)
+    GEMM of the weights dequantized a chunk at a time, where the CPU has a native one; on CPUs with AMX, native's AMX
+    product up to AMX_MAX_ROWS_GGUF rows, out a multiple of 32); decode rows stay on the exact fp32 kernel. Not with
+    exact, nor for a layer skipped (the output layer)."""
+    w = gguf_weight(kind, out_features, 128, seed=8)
     model = nn.Sequential(quant.GGUFLinear(kind, *TABLES[kind](w)), quant.GGUFLinear(kind, *TABLES[kind](w)))
     exact = nn.Sequential(quant.GGUFLinear(kind, *TABLES[kind](w)))
     quant.quantize_model(model, "int4", skip=lambda name: name == "1")
@@ -846,18 +848,21 @@ def test_a_kept_gguf_layer_at_int8_or_int4_reads_prompts_in_bf16_and_decodes_in_
     assert model[1].prompt_dtype == exact[0].prompt_dtype == torch.float32
     rounded_weights = model[0].dequantize(scratch=torch.empty(w.numel(), dtype=torch.bfloat16))
     assert torch.equal(rounded_weights, w.bfloat16())   # the C dequantization rounds as torch does: nearest even
-    x = torch.randn(native.GGUF_MAX_ROWS + 24, 128, generator=torch.Generator().manual_seed(9))
-    fp32 = exact[0](x)
-    assert torch.equal(model[1](x), fp32)
-    decode = x[:native.GGUF_MAX_ROWS]
-    assert torch.equal(model[0](decode), exact[0](decode))   # decode rows: fp32's kernel
-    got = model[0](x).double()
-    if quant.slow_half_gemm(torch.bfloat16):
-        assert torch.equal(got, fp32.double())
-    else:
-        rounded = x.bfloat16().double()
-        assert ((got - rounded @ w.double().t()).abs() <= error_bound(rounded, w.double(), torch.bfloat16)).all()
-        assert not torch.equal(got, fp32.double())
+    amx = native.amx_library() is not None and out_features % 32 == 0
+    for rows in (native.GGUF_MAX_ROWS + 24, native.AMX_MAX_ROWS_GGUF + 1):
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+        assert native.takes_gguf_amx(x.bfloat16(), model[0]) == (amx and rows <= native.AMX_MAX_ROWS_GGUF)
+        fp32 = exact[0](x)
+        assert torch.equal(model[1](x), fp32)
+        decode = x[:native.GGUF_MAX_ROWS]
+        assert torch.equal(model[0](decode), exact[0](decode))   # decode rows: fp32's kernel
+        got = model[0](x).double()
+        if quant.slow_half_gemm(torch.bfloat16):
+            assert torch.equal(got, fp32.double())
+        else:
+            rounded = x.bfloat16().double()
+            assert ((got - rounded @ w.double().t()).abs() <= error_bound(rounded, w.double(), torch.bfloat16)).all()
+            assert not torch.equal(got, fp32.double())
 
 
 @needs_native_library

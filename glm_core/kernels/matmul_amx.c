@@ -1,8 +1,8 @@
-/* int4, int8 and bf16 products on CPUs with AMX (see glm_core/native.py). The last two sections are int4's decode (a
- * few rows), in AVX-512 without AMX. The others: a prompt's rows, or a batch of decoding rows, multiply weights
- * dequantized to bf16 (bf16 ones copied) by AMX's bf16 tile product, with fp32 sums. Each thread takes 32 output columns at a time and
- * dequantizes them CHUNK inner indices at a time into a buffer that stays in L1, which every
- * block of 32 rows then multiplies: the weights are read once, and no dequantized copy goes through memory (or L2:
+/* int4, int8, bf16 and GGUF products on CPUs with AMX (see glm_core/native.py). The last two sections are int4's
+ * decode (a few rows), in AVX-512 without AMX. The others: a prompt's rows, or a batch of decoding rows, multiply
+ * weights dequantized to bf16 (bf16 ones copied) by AMX's bf16 tile product, with fp32 sums. Each thread takes 32
+ * output columns at a time and dequantizes them CHUNK inner indices at a time into a buffer that stays in L1, which
+ * every block of 32 rows then multiplies: the weights are read once, and no dequantized copy goes through memory (or L2:
  * a whole dequantized panel there cost as much again as making it). The weights' values are exactly those of
  * int4_dequantize_bf16 and int8_dequantize_bf16 (matmul_avx2.c): only the order of the sums differs from the
  * dequantize-then-GEMM path.
@@ -10,8 +10,8 @@
  * Tiles: 4 sums of 16 x 16 fp32, 2 left operands of 16 rows x 32 bf16, 2 right operands of 16 pairs of rows
  * (AMX's "VNNI" layout: row j holds, for each of 16 columns, the pair (2j, 2j + 1) of the product's inner index).
  * int4 (stored a row of 64 columns per inner index) pairs two such rows into the right operand; x's rows are
- * the left one. int8 and bf16 (stored a row per output column) are the left operand as they are, and x, paired once,
- * the right one: the sums are out.T's. */
+ * the left one. int8, bf16 and GGUF (stored a row per output column) are the left operand as they are, and x,
+ * paired once, the right one: the sums are out.T's. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,9 +45,10 @@ static void configure_tiles(void) {
 
 typedef struct weights weights;
 struct weights {
-    const void *w;                /* int4: torch's AVX-512 layout; int8 and bf16: [n][ldw] */
-    const uint16_t *scales;       /* int4: [k / group][n][2] (scale, zero); int8: [n]; bf16: none */
-    int n, k, group, ldw;
+    const void *w;                /* int4: torch's AVX-512 layout; int8 and bf16: [n][ldw]; GGUF: blocks [n][k / 32] */
+    const void *scales;           /* int4: bf16 [k / group][n][2] (scale, zero); int8: bf16 [n]; bf16: none; GGUF:
+                                   * fp32 [n][k / 32] (Q8_0) or [n][k / 32][2] (Q4_1: scale, min) */
+    int n, k, group, ldw;         /* GGUF: group is the kind (GGUF_Q8_0, GGUF_Q4_1) */
     int row_major;                /* a row per output column (int8, bf16): the chunk is the left operand */
     void (*chunk)(const weights *W, uint16_t *chunk, int p, int k0, int k1);   /* writes the chunk's tiles */
 };
@@ -65,7 +66,8 @@ static void int4_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1)
     __m512 scale[4], zero[4];   /* [2 t + h]: columns 8 h .. 8 h + 7 of tile t, each twice (k and k + 1) */
     for (int g0 = k0; g0 < k1; g0 = (g0 / W->group + 1) * W->group) {
         for (int t = 0; t < 2; t++) {
-            const uint16_t *pairs = W->scales + ((size_t)(g0 / W->group) * W->n + p * 32 + t * 16) * 2;
+            const uint16_t *pairs = (const uint16_t *)W->scales
+                                    + ((size_t)(g0 / W->group) * W->n + p * 32 + t * 16) * 2;
             __m512i both = _mm512_loadu_si512(pairs);
             __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
             __m512 z = _mm512_castsi512_ps(_mm512_and_si512(both, _mm512_set1_epi32((int)0xFFFF0000)));
@@ -102,7 +104,8 @@ static void int8_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1)
     int rows = k1 - k0;
     for (int c = 0; c < 32; c++) {
         const int8_t *src = (const int8_t *)W->w + (size_t)(p * 32 + c) * W->ldw;
-        __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32((int)((uint32_t)W->scales[p * 32 + c] << 16)));
+        uint32_t bits = (uint32_t)((const uint16_t *)W->scales)[p * 32 + c] << 16;
+        __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32((int)bits));
         uint16_t *dst = chunk + (size_t)(c / 16) * rows * 16 + (c % 16) * 32;
         for (int kk = k0; kk < k1; kk += 32) {
             __m256i q = _mm256_loadu_si256((const __m256i *)(src + kk));
@@ -126,6 +129,36 @@ static void bf16_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1)
         for (int kk = k0; kk < k1; kk += 32) {
             _mm_prefetch((const char *)(src + kk + CHUNK), _MM_HINT_T0);   /* this row's next chunk */
             _mm512_storeu_si512(dst + (size_t)(kk - k0) * 16, _mm512_loadu_si512(src + kk));
+        }
+    }
+}
+
+/* GGUF block tensors (quant.GGUFLinear, the kinds of matmul_avx2.c's gguf_matmul): columns [32 p, 32 p + 32),
+ * inner indices [k0, k1), as int8_chunk's left operands: w = scale x code (+ min), one rounding to fp32 (mul then add,
+ * as gguf_dequantize), then to bf16. Q4_1's low nibbles are a block's columns 0-15, its high ones 16-31. */
+enum { GGUF_Q8_0 = 0, GGUF_Q4_1 = 1 };
+static void gguf_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1) {
+    int rows = k1 - k0, blocks = W->k / 32, q4 = W->group == GGUF_Q4_1, bytes = q4 ? 16 : 32;
+    for (int c = 0; c < 32; c++) {
+        const uint8_t *codes = (const uint8_t *)W->w + (size_t)(p * 32 + c) * blocks * bytes;
+        const float *scales = (const float *)W->scales + (size_t)(p * 32 + c) * blocks * (q4 ? 2 : 1);
+        uint16_t *dst = chunk + (size_t)(c / 16) * rows * 16 + (c % 16) * 32;
+        for (int b = k0 / 32; b < k1 / 32; b++) {
+            const uint8_t *at = codes + (size_t)b * bytes;
+            _mm_prefetch((const char *)(at + CHUNK / 32 * bytes), _MM_HINT_T0);   /* this row's next chunk */
+            __m512 low, high;
+            if (q4) {
+                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at));
+                low = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
+                high = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+            } else {
+                low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)at)));
+                high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(at + 16))));
+            }
+            __m512 scale = _mm512_set1_ps(scales[b * (q4 ? 2 : 1)]), min = _mm512_set1_ps(q4 ? scales[2 * b + 1] : 0.f);
+            low = _mm512_add_ps(_mm512_mul_ps(low, scale), min);
+            high = _mm512_add_ps(_mm512_mul_ps(high, scale), min);
+            _mm512_storeu_si512(dst + (size_t)(32 * b - k0) * 16, (__m512i)_mm512_cvtne2ps_pbh(high, low));
         }
     }
 }
@@ -249,6 +282,14 @@ int int4_matmul_amx(const uint16_t *x, int m, const uint8_t *w, const uint16_t *
 int int8_matmul_amx(const uint16_t *x, int m, const int8_t *w, const uint16_t *scales, float *out, int n, int k,
                     int ldw) {
     weights W = {w, scales, n, k, 0, ldw, 1, int8_chunk};
+    return product_of(&W, x, m, out);
+}
+
+/* x [m][k] bf16 @ W.T -> out [m][n] fp32, W a GGUF block tensor of `kind` (codes, fp32 scales: gguf_chunk); n a
+ * multiple of 32, k of 32. 0, or -1 when out of memory. */
+int gguf_matmul_amx(int kind, const uint16_t *x, int m, const uint8_t *w, const float *scales, float *out, int n,
+                    int k) {
+    weights W = {w, scales, n, k, kind, 0, 1, gguf_chunk};
     return product_of(&W, x, m, out);
 }
 
