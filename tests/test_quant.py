@@ -863,6 +863,8 @@ def test_a_kept_gguf_layer_at_int8_or_int4_reads_prompts_in_bf16_and_decodes_in_
             rounded = x.bfloat16().double()
             assert ((got - rounded @ w.double().t()).abs() <= error_bound(rounded, w.double(), torch.bfloat16)).all()
             assert not torch.equal(got, fp32.double())
+        if native.takes_gguf_amx(x.bfloat16(), model[0]):   # the layer's product is native's
+            assert torch.equal(got, native.gguf_matmul_amx(x.bfloat16(), model[0]).double())
 
 
 @needs_native_library
