@@ -2,8 +2,8 @@
  * decode (a few rows), in AVX-512 without AMX. The others: a prompt's rows, or a batch of decoding rows, multiply
  * weights dequantized to bf16 (bf16 ones copied) by AMX's bf16 tile product, with fp32 sums. Each thread takes 32
  * output columns at a time and dequantizes them CHUNK inner indices at a time into a buffer that stays in L1, which
- * every block of 32 rows then multiplies: the weights are read once, and no dequantized copy goes through memory (or L2:
- * a whole dequantized panel there cost as much again as making it). The weights' values are exactly those of
+ * every block of 32 rows then multiplies: the weights are read once, and no dequantized copy goes through memory (or
+ * L2: a whole dequantized panel there cost as much again as making it). The weights' values are exactly those of
  * int4_dequantize_bf16 and int8_dequantize_bf16 (matmul_avx2.c): only the order of the sums differs from the
  * dequantize-then-GEMM path.
  *
@@ -49,7 +49,7 @@ struct weights {
     const void *scales;           /* int4: bf16 [k / group][n][2] (scale, zero); int8: bf16 [n]; bf16: none; GGUF:
                                    * fp32 [n][k / 32] (Q8_0) or [n][k / 32][2] (Q4_1: scale, min) */
     int n, k, group, ldw;         /* GGUF: group is the kind (GGUF_Q8_0, GGUF_Q4_1) */
-    int row_major;                /* a row per output column (int8, bf16): the chunk is the left operand */
+    int row_major;                /* a row per output column (int8, bf16, GGUF): the chunk is the left operand */
     void (*chunk)(const weights *W, uint16_t *chunk, int p, int k0, int k1);   /* writes the chunk's tiles */
 };
 
@@ -136,7 +136,7 @@ static void bf16_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1)
 /* GGUF block tensors (quant.GGUFLinear, the kinds of matmul_avx2.c's gguf_matmul): columns [32 p, 32 p + 32),
  * inner indices [k0, k1), as int8_chunk's left operands: w = scale x code (+ min), one rounding to fp32 (mul then add,
  * as gguf_dequantize), then to bf16. Q4_1's low nibbles are a block's columns 0-15, its high ones 16-31. */
-enum { GGUF_Q8_0 = 0, GGUF_Q4_1 = 1 };
+enum { GGUF_Q8_0 = 0, GGUF_Q4_1 = 1 };   /* as matmul_avx2.c's (native.GGUF_KINDS) */
 static void gguf_chunk(const weights *W, uint16_t *chunk, int p, int k0, int k1) {
     int rows = k1 - k0, blocks = W->k / 32, q4 = W->group == GGUF_Q4_1, bytes = q4 ? 16 : 32;
     for (int c = 0; c < 32; c++) {
