@@ -26,7 +26,7 @@ between its products had taken as long as the products, and a step went from 12.
 Where torch takes its AVX-512 path and the CPU has AVX-512 bf16, bf16 decode rows run bf16_decode: vdpbf16ps over
 eight weight rows at once, each prefetched. On a 2-core AMX Xeon, one row against weights streamed from memory, 27392 x
 4096 7.6 ms against 8.4 for oneDNN's packed product, 4096 x 13696 3.2 against 4.6 (29-34 GB/s against 24-26): the 6B
-model's bf16 decode 2.24-2.34 tok/s against 1.81-1.98 (BENCHMARKS.md). Those weights stay plain, and on CPUs with AMX
+model's bf16 decode 2.24-2.38 tok/s against 1.81-1.98 (BENCHMARKS.md). Those weights stay plain, and on CPUs with AMX
 5 to AMX_MAX_ROWS_BF16 rows (short prompts, several visitors decoding) run the AMX product below on them.
 
 Elsewhere on that path torch's kernels run the products (they are not the bottleneck there), but a prompt's
