@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .config import GLMConfig
 from .kvcache import KVCache, common_prefix
 from . import native
-from .quant import matmul_fp32, slow_half_gemm
+from .quant import matmul_fp32, native_bf16_linear, slow_half_gemm
 
 PREFILL_CHUNK = 512         # prompt ids run at a time: bounds activation memory on long prompts
 UPCAST_ELEMENTS = 1 << 22   # weight elements converted to fp32 at a time by the CPU prefill path of `linear`
@@ -40,9 +40,8 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     the weight is upcast to fp32 a slice at a time. Products are exact in fp32 and sums are fp32 either way,
     so only the rounding order differs. A bf16 weight takes native's products where native.takes_bf16 says so (on an
     AVX2 CPU any number of rows, with AVX-512 bf16 decode rows)."""
-    if isinstance(layer, nn.Linear) and native.takes_bf16(x, layer.weight):
-        y = native.bf16_matmul(x, layer.weight)
-        return (y if layer.bias is None else y + layer.bias).to(x.dtype)
+    if isinstance(layer, nn.Linear) and (y := native_bf16_linear(layer, x)) is not None:
+        return y
     if not (isinstance(layer, nn.Linear) and x.device.type == "cpu" and x.shape[0] > 1
             and slow_half_gemm(layer.weight.dtype)):
         return layer(x)

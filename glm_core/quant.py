@@ -162,12 +162,19 @@ class NativeBf16Linear(nn.Linear):
     against 9.5-10.7 (BENCHMARKS.md). (glm_core.model.linear sends the native models' layers the same way.)"""
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if not native.takes_bf16(rows, self.weight):
-            return super().forward(x)
-        y = native.bf16_matmul(rows, self.weight)
-        y = y if self.bias is None else y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = native_bf16_linear(self, x)
+        return super().forward(x) if y is None else y
+
+
+def native_bf16_linear(layer: nn.Linear, x: Tensor) -> Tensor | None:
+    """layer(x) [..., in] through native.bf16_matmul where native.takes_bf16 takes its rows (fp32 sums, the bias
+    added, one rounding to x's dtype), else None."""
+    rows = x.reshape(-1, layer.in_features)
+    if not native.takes_bf16(rows, layer.weight):
+        return None
+    y = native.bf16_matmul(rows, layer.weight)
+    y = y if layer.bias is None else y + layer.bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def route_linears(model: nn.Module) -> int:
